@@ -1,0 +1,3 @@
+from esmail.cli import main
+
+raise SystemExit(main())

@@ -1,0 +1,250 @@
+"""Configuration: one TOML file parsed once into frozen value objects.
+
+This is the one module that reads the environment: secrets come from the
+process environment or from `.env.{stage}` beside the config file (or in the
+working directory when there is no file), never from the TOML.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import tomllib
+from dataclasses import dataclass, field, fields, replace
+from pathlib import Path
+from typing import Any, Mapping
+
+from dotenv import dotenv_values
+
+from esmail.errors import ConfigError
+
+CONFIG_ENV = "ESMAIL_CONFIG"
+SECRET_NAMES = (
+    "ROLLBAR_ACCESS_TOKEN",
+    "AWS_ACCESS_KEY_ID",
+    "AWS_SECRET_ACCESS_KEY",
+    "AWS_SESSION_TOKEN",
+)
+
+_SIZE = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*(B|KB|MB|GB|KiB|MiB|GiB)?\s*$")
+_UNITS = {None: 1, "B": 1, "KB": 10**3, "MB": 10**6, "GB": 10**9, "KiB": 2**10, "MiB": 2**20, "GiB": 2**30}
+
+
+def parse_size(text: str | int) -> int:
+    """`"40MB"` → 40_000_000 (MB = 10^6, MiB = 2^20); a bare integer is bytes."""
+    if isinstance(text, int) and not isinstance(text, bool):
+        return text
+    match = _SIZE.match(text) if isinstance(text, str) else None
+    if not match:
+        raise ValueError(f'a size like "40MB", "500MiB" or a number of bytes, not {text!r}')
+    return int(float(match.group(1)) * _UNITS[match.group(2)])
+
+
+def parse_hostport(text: str) -> tuple[str, int]:
+    """`"127.0.0.1:2525"` or `"[::1]:25"` → (host, port)."""
+    host, sep, port = text.rpartition(":")
+    if not sep or not port.isdigit() or not 0 < int(port) < 65536:
+        raise ValueError(f'"HOST:PORT" such as "127.0.0.1:2525", not {text!r}')
+    return host.strip("[]") or "0.0.0.0", int(port)
+
+
+@dataclass(frozen=True)
+class SmtpConfig:
+    listen: tuple[str, int] = ("127.0.0.1", 2525)
+    domains: tuple[str, ...] = ()
+    max_message_size: int = 40_000_000
+
+
+@dataclass(frozen=True)
+class StorageConfig:
+    backend: str = "local"
+    path: Path = Path("./esmail-data")
+    endpoint_url: str | None = None
+    region: str | None = None
+
+
+@dataclass(frozen=True)
+class Buckets:
+    inbox: str = "es-{stage}-data-inbox"
+    amr_data: str = "es-{stage}-data-amr-data"
+    unprocessable: str = "es-{stage}-data-unprocessable"
+
+    def named(self, logical: str) -> str:
+        """The real bucket name for a logical one (`"amr_data"` → `es-prod-data-amr-data`)."""
+        return getattr(self, logical)
+
+
+@dataclass(frozen=True)
+class SpoolConfig:
+    path: Path = Path("./esmail-spool")
+    min_free: int = 500_000_000
+
+
+@dataclass(frozen=True)
+class WorkerConfig:
+    processes: int = 0  # 0: one per core
+    max_attempts: int = 20
+
+
+@dataclass(frozen=True)
+class CsvConfig:
+    ascii_only: bool = False
+
+
+@dataclass(frozen=True)
+class Config:
+    stage: str = "development"
+    smtp: SmtpConfig = SmtpConfig()
+    storage: StorageConfig = StorageConfig()
+    buckets: Buckets = Buckets()
+    spool: SpoolConfig = SpoolConfig()
+    worker: WorkerConfig = WorkerConfig()
+    csv: CsvConfig = CsvConfig()
+    secrets: Mapping[str, str] = field(default_factory=dict, repr=False)
+    source: Path | None = None
+
+    def describe(self) -> str:
+        """The effective configuration as TOML-like text, secrets masked."""
+        lines = [f"# from {self.source or 'the embedded default'}", f'stage = "{self.stage}"']
+        for section in ("smtp", "storage", "buckets", "spool", "worker", "csv"):
+            lines.append(f"[{section}]")
+            value = getattr(self, section)
+            for f in fields(value):
+                lines.append(f"{f.name} = {_show(getattr(value, f.name))}")
+        lines.append("# secrets (environment or .env.{stage})")
+        for name in SECRET_NAMES:
+            lines.append(f"# {name}: {'set (****)' if self.secrets.get(name) else 'not set'}")
+        return "\n".join(lines)
+
+
+def _show(value: Any) -> str:
+    if isinstance(value, tuple) and len(value) == 2 and isinstance(value[1], int) and isinstance(value[0], str):
+        return f'"{value[0]}:{value[1]}"'
+    if isinstance(value, tuple):
+        return "[" + ", ".join(f'"{v}"' for v in value) + "]"
+    if isinstance(value, bool):
+        return str(value).lower()
+    if isinstance(value, (str, Path)):
+        return f'"{value}"'
+    return str(value)
+
+
+# How each key is read: section → key → (converter, what it must be).
+def _str(v: Any) -> str:
+    if not isinstance(v, str):
+        raise TypeError
+    return v
+
+
+def _bool(v: Any) -> bool:
+    if not isinstance(v, bool):
+        raise TypeError
+    return v
+
+
+def _positive_int(v: Any) -> int:
+    if isinstance(v, bool) or not isinstance(v, int) or v < 0:
+        raise TypeError
+    return v
+
+
+def _domains(v: Any) -> tuple[str, ...]:
+    if not isinstance(v, list) or not all(isinstance(d, str) and d for d in v):
+        raise TypeError
+    return tuple(d.lower().strip(".") for d in v)
+
+
+_SCHEMA: dict[str, dict[str, tuple[Any, str]]] = {
+    "smtp": {
+        "listen": (parse_hostport, '"HOST:PORT", e.g. "127.0.0.1:2525"'),
+        "domains": (_domains, 'a list of domain names, e.g. ["datafeeds.example.org"]'),
+        "max_message_size": (parse_size, 'a size such as "40MB"'),
+    },
+    "storage": {
+        "backend": (_str, '"local" or "s3"'),
+        "path": (lambda v: Path(_str(v)), "a folder path"),
+        "endpoint_url": (_str, 'a URL such as "http://127.0.0.1:9000"'),
+        "region": (_str, 'an AWS region name such as "eu-west-2"'),
+    },
+    "buckets": {name: (_str, 'a bucket name; "{stage}" is replaced by the stage') for name in ("inbox", "amr_data", "unprocessable")},
+    "spool": {
+        "path": (lambda v: Path(_str(v)), "a folder path"),
+        "min_free": (parse_size, 'a size such as "500MB"'),
+    },
+    "worker": {
+        "processes": (_positive_int, "a whole number of processes (0: one per core)"),
+        "max_attempts": (_positive_int, "a whole number of attempts"),
+    },
+    "csv": {"ascii_only": (_bool, "true or false")},
+}
+_SECTIONS = {"smtp": SmtpConfig, "storage": StorageConfig, "buckets": Buckets, "spool": SpoolConfig, "worker": WorkerConfig, "csv": CsvConfig}
+
+
+def load(path: str | os.PathLike | None = None, environ: Mapping[str, str] | None = None) -> Config:
+    """Read the config file (or `$ESMAIL_CONFIG`, or none: the embedded default) and the secrets."""
+    environ = os.environ if environ is None else environ
+    path = path or environ.get(CONFIG_ENV) or None
+    data: dict[str, Any] = {}
+    source = None
+    if path is not None:
+        source = Path(path)
+        try:
+            data = tomllib.loads(source.read_text(encoding="utf-8"))
+        except FileNotFoundError:
+            raise ConfigError(f"{source}: config file not found (given by --config or ${CONFIG_ENV})") from None
+        except (OSError, UnicodeDecodeError) as exc:
+            raise ConfigError(f"{source}: cannot read the config file: {exc}") from None
+        except tomllib.TOMLDecodeError as exc:
+            raise ConfigError(f"{source}: not valid TOML: {exc}") from None
+    where = str(source or "the embedded default")
+    config = _build(data, where)
+    config = replace(config, source=source, secrets=_secrets(config.stage, source, environ))
+    return _checked(config, where)
+
+
+def _build(data: dict[str, Any], where: str) -> Config:
+    known = set(_SCHEMA) | {"stage"}
+    for key in data:
+        if key not in known:
+            raise ConfigError(f"{where}: unknown key '{key}'; known top-level keys: {', '.join(sorted(known))}")
+    stage = data.get("stage", "development")
+    if not isinstance(stage, str) or not re.fullmatch(r"[a-z0-9][a-z0-9-]*", stage):
+        raise ConfigError(f"{where}: 'stage' must be lower-case letters, digits and '-', e.g. \"production\"; got {stage!r}")
+    sections = {}
+    for section, schema in _SCHEMA.items():
+        table = data.get(section, {})
+        if not isinstance(table, dict):
+            raise ConfigError(f"{where}: '{section}' must be a table ([{section}])")
+        values = {}
+        for key, raw in table.items():
+            if key not in schema:
+                raise ConfigError(f"{where}: unknown key [{section}] {key}; known keys: {', '.join(schema)}")
+            convert, expected = schema[key]
+            try:
+                values[key] = convert(raw)
+            except (TypeError, ValueError):
+                raise ConfigError(f"{where}: [{section}] {key} must be {expected}; got {raw!r}") from None
+        sections[section] = _SECTIONS[section](**values)
+    buckets = sections["buckets"]
+    sections["buckets"] = Buckets(**{f.name: getattr(buckets, f.name).replace("{stage}", stage) for f in fields(Buckets)})
+    return Config(stage=stage, **sections)
+
+
+def _checked(config: Config, where: str) -> Config:
+    if config.storage.backend not in ("local", "s3"):
+        raise ConfigError(f'{where}: [storage] backend must be "local" or "s3"; got {config.storage.backend!r}')
+    for f in fields(Buckets):
+        name = getattr(config.buckets, f.name)
+        if not re.fullmatch(r"[a-z0-9][a-z0-9.-]{1,61}[a-z0-9]", name):
+            raise ConfigError(f"{where}: [buckets] {f.name} = {name!r} is not a valid bucket name (3-63 of a-z, 0-9, '.', '-')")
+    if len(set(vars(config.buckets).values())) != 3:
+        raise ConfigError(f"{where}: [buckets] inbox, amr_data and unprocessable must be three different buckets")
+    return config
+
+
+def _secrets(stage: str, source: Path | None, environ: Mapping[str, str]) -> dict[str, str]:
+    """Secrets from `.env.{stage}` (beside the config file, else the working directory), the environment winning."""
+    env_file = (source.parent if source else Path.cwd()) / f".env.{stage}"
+    values = {k: v for k, v in dotenv_values(env_file).items() if v is not None} if env_file.is_file() else {}
+    values.update({k: v for k, v in environ.items()})
+    return {name: values[name] for name in SECRET_NAMES if values.get(name)}

@@ -1,0 +1,100 @@
+"""MIME (DESIGN §2): a raw message → its feed prefixes and its attached files.
+
+The standard library's `email` package with policy `default` does the
+parsing; this module decides what counts as an attachment, where its name
+comes from, and which header gives the prefix when there is no envelope.
+"""
+
+from __future__ import annotations
+
+import mimetypes
+from dataclasses import dataclass
+from email import policy
+from email.message import EmailMessage
+from email.parser import BytesParser
+from email.utils import getaddresses
+
+from esmail.keys import domain_of, prefix_of, safe_path
+
+MAX_FORWARD_DEPTH = 3
+PREFIX_HEADERS = ("X-Forwarded-To", "X-Original-To", "Delivered-To", "To", "Cc")
+
+
+@dataclass(frozen=True)
+class Attachment:
+    name: str  # made safe per DESIGN §3
+    data: bytes
+
+
+def parse(raw: bytes) -> EmailMessage:
+    return BytesParser(policy=policy.default).parsebytes(raw)
+
+
+def parse_headers(raw: bytes) -> EmailMessage:
+    """Only the headers: enough to find prefixes without decoding a 40 MB body."""
+    return BytesParser(policy=policy.default).parsebytes(raw, headersonly=True)
+
+
+def header_prefix(msg: EmailMessage, domains: tuple[str, ...]) -> str | None:
+    """The prefix of a message that arrived without an envelope (IMAP, `esmail ingest`), or None."""
+    found = {name: _addresses(msg, name) for name in PREFIX_HEADERS}
+    if domains:
+        for name in PREFIX_HEADERS:
+            for address in found[name]:
+                if domain_of(address) in domains:
+                    return prefix_of(address)
+    fallback = found["X-Forwarded-To"] or found["To"]
+    return prefix_of(fallback[0]) if fallback else None
+
+
+def _addresses(msg: EmailMessage, name: str) -> list[str]:
+    try:
+        values = [str(v) for v in msg.get_all(name, [])]
+    except Exception:  # a header too broken for the parser counts as absent
+        return []
+    return [addr for _, addr in getaddresses(values) if "@" in addr]
+
+
+def attachments(msg: EmailMessage) -> list[Attachment]:
+    """Every attached file, also those inside attached messages (forward as attachment), in order."""
+    found: list[Attachment] = []
+    _collect(msg, found, depth=0)
+    return found
+
+
+def _collect(part: EmailMessage, found: list[Attachment], depth: int) -> None:
+    if part.get_content_type() == "message/rfc822":
+        inner = part.get_payload()
+        if depth < MAX_FORWARD_DEPTH and isinstance(inner, list) and inner:
+            _collect(inner[0], found, depth + 1)
+        else:  # nested too deep: keep the attached message whole
+            data = inner[0].as_bytes() if isinstance(inner, list) and inner else part.as_bytes()
+            found.append(Attachment(safe_path(_filename(part) or "attachment.eml"), data))
+        return
+    if part.is_multipart():
+        for sub in part.iter_parts():
+            _collect(sub, found, depth)
+        return
+    name = _filename(part)
+    if name is None and not _is_file(part):
+        return
+    data = part.get_payload(decode=True) or b""
+    found.append(Attachment(safe_path(name or _default_name(part)), data))
+
+
+def _filename(part: EmailMessage) -> str | None:
+    try:
+        name = part.get_filename()
+    except Exception:
+        return None
+    return name or None
+
+
+def _is_file(part: EmailMessage) -> bool:
+    """A part without a name is still a file when it says `attachment` or carries application data."""
+    return part.get_content_disposition() == "attachment" or part.get_content_maintype() == "application"
+
+
+def _default_name(part: EmailMessage) -> str:
+    ctype = part.get_content_type()
+    return "attachment" + (mimetypes.guess_extension(ctype) or ".bin")

@@ -1,0 +1,177 @@
+"""The spool: a message is ours only once it is here, on disk, fsync'd.
+
+    {spool}/tmp/      being written; never read
+    {spool}/queue/    {id}.msg: one line of JSON envelope, then the raw message
+    {spool}/failed/   entries that exhausted their attempts, with {id}.reason
+    {spool}/state/    {id}.json: attempts and last error (advisory)
+
+An entry is written to tmp/, fsync'd, renamed into queue/ and the folder
+fsync'd; only then does the receiver say "accepted". The key folders of
+DESIGN §3 are chosen here and kept in the envelope, so a replay after a crash
+writes the same keys.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import secrets
+import threading
+from dataclasses import asdict, dataclass
+from datetime import datetime, timezone
+from pathlib import Path
+
+from esmail.durable import fsync_dir, write_synced
+from esmail.errors import TemporaryFailure
+from esmail.keys import folder_name
+
+SUFFIX = ".msg"
+
+
+@dataclass(frozen=True)
+class Envelope:
+    id: str
+    received: str  # ISO 8601, UTC
+    folders: dict[str, str]  # prefix → key folder (`20250323-101112` or `…-2`); empty: no usable recipient
+    sender: str = ""
+    recipients: tuple[str, ...] = ()
+    client: str = ""
+    helo: str = ""
+    origin: str = "smtp"  # smtp, imap or ingest
+
+    @property
+    def received_at(self) -> datetime:
+        return datetime.fromisoformat(self.received)
+
+
+@dataclass
+class EntryState:
+    attempts: int = 0
+    last_error: str = ""
+    reason: str = ""  # why it failed for good (failed/ only)
+
+
+class Spool:
+    def __init__(self, path: Path):
+        self.path = Path(path)
+        self.tmp, self.queue, self.failed, self.state = (self.path / d for d in ("tmp", "queue", "failed", "state"))
+        for folder in (self.tmp, self.queue, self.failed, self.state):
+            folder.mkdir(parents=True, exist_ok=True)
+        self._lock = threading.Lock()
+        self._folders_used: dict[tuple[str, str], int] = {}
+        for entry_id in self.pending():
+            try:
+                self._remember(self.envelope(entry_id))
+            except (OSError, ValueError):
+                continue
+
+    # --- writing -------------------------------------------------------------
+
+    def accept(self, raw: bytes, prefixes: list[str], *, sender: str = "", recipients: tuple[str, ...] = (),
+               client: str = "", helo: str = "", origin: str = "smtp", received: datetime | None = None) -> Envelope:
+        """Write a message durably into the queue and return its envelope; raise TemporaryFailure if it cannot."""
+        received = (received or datetime.now(timezone.utc)).replace(microsecond=0)
+        entry_id = f"{received:%Y%m%d-%H%M%S}-{secrets.token_hex(4)}"
+        with self._lock:
+            folders = {prefix: self._allocate(prefix, received) for prefix in dict.fromkeys(prefixes)}
+        envelope = Envelope(entry_id, received.isoformat(), folders, sender, tuple(recipients), client, helo, origin)
+        header = json.dumps(asdict(envelope), separators=(",", ":")).encode() + b"\n"
+        tmp = self.tmp / (entry_id + SUFFIX)
+        try:
+            write_synced(tmp, header, raw)
+            os.rename(tmp, self.queue / (entry_id + SUFFIX))
+            fsync_dir(self.queue)
+        except OSError as exc:
+            tmp.unlink(missing_ok=True)
+            raise TemporaryFailure(f"cannot write to the spool {self.path}: {exc.strerror or exc}") from exc
+        return envelope
+
+    def _allocate(self, prefix: str, received: datetime) -> str:
+        """The key folder for a prefix: `-2`, `-3`, … for a second message in the same second."""
+        second = folder_name(received)
+        n = self._folders_used.get((prefix, second), 0) + 1
+        self._folders_used[(prefix, second)] = n
+        if len(self._folders_used) > 10_000:  # seconds long past can no longer collide
+            for old in sorted(self._folders_used, key=lambda k: k[1])[:5_000]:
+                del self._folders_used[old]
+        return folder_name(received, n)
+
+    def _remember(self, envelope: Envelope) -> None:
+        second = folder_name(envelope.received_at)
+        for prefix, folder in envelope.folders.items():
+            n = int(folder.rsplit("-", 1)[1]) if folder.count("-") == 2 else 1
+            key = (prefix, second)
+            self._folders_used[key] = max(self._folders_used.get(key, 0), n)
+
+    # --- reading -------------------------------------------------------------
+
+    def pending(self) -> list[str]:
+        """Queued entry ids in arrival order."""
+        return sorted(p.name[: -len(SUFFIX)] for p in self.queue.iterdir() if p.name.endswith(SUFFIX))
+
+    def failed_ids(self) -> list[str]:
+        return sorted(p.name[: -len(SUFFIX)] for p in self.failed.iterdir() if p.name.endswith(SUFFIX))
+
+    def envelope(self, entry_id: str, folder: Path | None = None) -> Envelope:
+        with open((folder or self.queue) / (entry_id + SUFFIX), "rb") as f:
+            return _envelope(f.readline())
+
+    def load(self, entry_id: str) -> tuple[Envelope, bytes]:
+        data = (self.queue / (entry_id + SUFFIX)).read_bytes()
+        header, _, raw = data.partition(b"\n")
+        return _envelope(header), raw
+
+    def read_state(self, entry_id: str) -> EntryState:
+        try:
+            return EntryState(**json.loads((self.state / f"{entry_id}.json").read_text()))
+        except (OSError, ValueError, TypeError):
+            return EntryState()
+
+    # --- finishing -----------------------------------------------------------
+
+    def record_attempt(self, entry_id: str, error: str) -> EntryState:
+        state = self.read_state(entry_id)
+        state.attempts += 1
+        state.last_error = error
+        self._write_state(entry_id, state)
+        return state
+
+    def done(self, entry_id: str) -> None:
+        """Every object is stored: forget the entry."""
+        (self.queue / (entry_id + SUFFIX)).unlink(missing_ok=True)
+        (self.state / f"{entry_id}.json").unlink(missing_ok=True)
+        fsync_dir(self.queue)
+
+    def fail(self, entry_id: str, reason: str) -> None:
+        """Keep the entry in failed/ with the reason, for `esmail spool retry`."""
+        state = self.read_state(entry_id)
+        state.reason = reason
+        self._write_state(entry_id, state)
+        (self.failed / f"{entry_id}.reason").write_text(reason + "\n")
+        os.rename(self.queue / (entry_id + SUFFIX), self.failed / (entry_id + SUFFIX))
+        fsync_dir(self.failed)
+
+    def retry(self, entry_ids: list[str] | None = None) -> list[str]:
+        """Move failed entries (all, or those named) back to the queue; return the ids moved."""
+        moved = []
+        for entry_id in entry_ids or self.failed_ids():
+            source = self.failed / (entry_id + SUFFIX)
+            if not source.exists():
+                raise KeyError(entry_id)
+            (self.state / f"{entry_id}.json").unlink(missing_ok=True)
+            (self.failed / f"{entry_id}.reason").unlink(missing_ok=True)
+            os.rename(source, self.queue / (entry_id + SUFFIX))
+            moved.append(entry_id)
+        fsync_dir(self.queue)
+        return moved
+
+    def _write_state(self, entry_id: str, state: EntryState) -> None:
+        tmp = self.tmp / f"{entry_id}.json"
+        tmp.write_text(json.dumps(asdict(state)))
+        os.replace(tmp, self.state / f"{entry_id}.json")
+
+
+def _envelope(header: bytes) -> Envelope:
+    fields_ = json.loads(header)
+    fields_["recipients"] = tuple(fields_.get("recipients", ()))
+    return Envelope(**fields_)

@@ -1,0 +1,304 @@
+"""Spreadsheets (xlsx, xls) → CSV of the first sheet, cell by cell as DESIGN §5 says.
+
+python-calamine reads the cells several times faster than openpyxl or xlrd,
+but it hides three things §5 needs: a cell's number format (it decides
+date/date-time/time from the value alone), error cells (it gives ""), and
+integers past 2^53 (it gives floats). When a sheet holds such a cell, and
+only then, the sheet's own XML (xlsx) or xlrd (xls) is read for those cells.
+"""
+
+from __future__ import annotations
+
+import io
+import re
+import zipfile
+from datetime import date, datetime, time, timedelta
+from posixpath import dirname, join, normpath
+
+from python_calamine import CalamineWorkbook
+
+from esmail.errors import Unprocessable
+
+MAX_CELLS = 2_000_000
+MAX_COLUMNS = 16_384
+MAX_XML_BYTES = 1_000_000_000  # uncompressed size of one xlsx part
+MAX_XML_RATIO = 200  # compression ratio of an xlsx part beyond which it is a bomb
+
+_EXCEL_EPOCH = datetime(1899, 12, 30)
+_BIG = 2.0**53
+
+
+def to_csv(data: bytes, kind: str) -> bytes:
+    """The first sheet of an `.xlsx` or `.xls` file as CSV bytes (UTF-8, `\\n` line ends)."""
+    xlsx = _Xlsx(data) if kind == ".xlsx" else None
+    try:
+        book = CalamineWorkbook.from_filelike(io.BytesIO(data))
+        if not book.sheet_names:
+            raise Unprocessable("the workbook has no sheets")
+        sheet = book.get_sheet_by_index(0)
+        if sheet.width > MAX_COLUMNS or sheet.height * sheet.width > MAX_CELLS:
+            raise Unprocessable(f"the sheet is {sheet.height} rows × {sheet.width} columns, over the limit of {MAX_CELLS:,} cells or {MAX_COLUMNS:,} columns")
+        rows = sheet.to_python(skip_empty_area=False)
+    except Unprocessable:
+        raise
+    except Exception as exc:  # calamine raises its own error types and plain ValueErrors
+        raise Unprocessable(f"cannot read the {kind} file: {exc}") from None
+    width = max((len(r) for r in rows), default=0)
+    _fix_up(rows, xlsx, data if kind == ".xls" else None)
+    out = io.StringIO()
+    for row in rows:
+        out.write(",".join(map(_field, row)))
+        if len(row) < width:
+            out.write("," * (width - len(row)))
+        out.write("\n")
+    return out.getvalue().encode("utf-8")
+
+
+# --- writing one cell -------------------------------------------------------
+
+
+class Raw(str):
+    """A field written as it is (an error such as `#DIV/0!`, or an exact integer)."""
+
+
+def _number(v: float) -> str:
+    if v.is_integer():
+        return str(int(v))
+    text = repr(v)
+    mantissa, e, exponent = text.partition("e")
+    if e and "." not in mantissa:  # Ruby's Float#to_s: 1.0e-05, never 1e-05
+        return f"{mantissa}.0e{exponent}"
+    return text
+
+
+def _string(v: str) -> str:
+    return '"' + v.replace('"', '""') + '"' if v else ""
+
+
+def _datetime(v: datetime) -> str:
+    v = _round_to_second(v)
+    if not (v.hour or v.minute or v.second):
+        return v.date().isoformat()
+    return v.strftime("%Y-%m-%dT%H:%M:%S+00:00")
+
+
+def _time(v: time) -> str:
+    return v.strftime("%H:%M:%S")
+
+
+def _duration(v: timedelta) -> str:
+    seconds = round(v.total_seconds())
+    return f"{seconds // 3600:02d}:{seconds // 60 % 60:02d}:{seconds % 60:02d}"
+
+
+def _round_to_second(v: datetime) -> datetime:
+    return (v + timedelta(microseconds=500_000)).replace(microsecond=0) if v.microsecond else v
+
+
+_WRITERS = {
+    float: _number,
+    int: lambda v: str(v),
+    str: _string,
+    bool: lambda v: '"true"' if v else '"false"',
+    date: date.isoformat,
+    datetime: _datetime,
+    time: _time,
+    timedelta: _duration,
+    Raw: str,
+}
+
+
+def _field(v) -> str:
+    if type(v) is float:  # the common case first
+        return str(int(v)) if v.is_integer() else _number(v)
+    return _WRITERS[type(v)](v)
+
+
+# --- what calamine hides ----------------------------------------------------
+
+
+def _fix_up(rows: list[list], xlsx: "_Xlsx | None", xls: bytes | None) -> None:
+    """Correct the cells calamine cannot get right, reading formats and raw values where needed."""
+    dates, big = [], []
+    for r, row in enumerate(rows):
+        for c, v in enumerate(row):
+            t = type(v)
+            if t is datetime or t is time:
+                dates.append((r, c))
+            elif t is float and abs(v) >= _BIG:
+                big.append((r, c))
+    if xlsx is not None:
+        kinds = xlsx.style_kinds()
+        ambiguous = [rc for rc in dates if _may_differ(rows[rc[0]][rc[1]], set(kinds.values()))]
+        if ambiguous or big or xlsx.has_errors():
+            cells = xlsx.raw_cells(set(ambiguous) | set(big))
+            for (r, c), (style, kind_attr, raw) in cells.items():
+                if r >= len(rows) or c >= len(rows[r]):
+                    continue
+                if kind_attr == "e":
+                    rows[r][c] = Raw(raw)
+                elif (r, c) in big and re.fullmatch(r"-?\d+", raw):
+                    rows[r][c] = Raw(str(int(raw)))  # exact, where a float would round past 2^53
+                elif style is not None and style in kinds:
+                    rows[r][c] = _as_format(rows[r][c], kinds[style])
+    elif xls is not None and (dates or _xls_may_have_errors(xls)):
+        _fix_up_xls(rows, xls)
+
+
+def _may_differ(v, kinds: set) -> bool:
+    """Whether a calamine date/time value could be written differently under some format in the book."""
+    if type(v) is datetime:
+        return "date" in kinds
+    return bool(kinds & {"date", "datetime"})
+
+
+def _as_format(v, kind: str | None):
+    """A calamine date-like value as §5 writes it under a format of this kind."""
+    if kind == "date":
+        return v.date() if type(v) is datetime else _EXCEL_EPOCH.date()
+    if kind == "datetime" and type(v) is time:
+        return datetime.combine(_EXCEL_EPOCH.date(), v)
+    return v
+
+
+def format_kind(code: str) -> str | None:
+    """`"date"`, `"datetime"`, `"time"` or None for a number format code such as `yyyy-mm-dd hh:mm`."""
+    code = re.sub(r'"[^"]*"|\\.|_.|\*.', "", code.split(";")[0].lower())
+    code = re.sub(r"\[(?![hms]+\])[^\]]*\]", "", code)  # colours and locales, not elapsed [h]
+    has_time = "h" in code or "s" in code
+    has_date = "y" in code or "d" in code or ("m" in code and not has_time)
+    if has_date and has_time:
+        return "datetime"
+    return "date" if has_date else "time" if has_time else None
+
+
+# built-in number formats (ECMA-376 §18.8.30) that are dates or times
+_BUILTIN_KINDS = {14: "date", 15: "date", 16: "date", 17: "date", 18: "time", 19: "time", 20: "time", 21: "time", 22: "datetime", 45: "time", 46: "time", 47: "time"}
+_BUILTIN_KINDS.update({i: "date" for i in (27, 28, 29, 30, 31, 34, 35, 36, 50, 51, 52, 53, 54, 57, 58)})
+_BUILTIN_KINDS.update({i: "time" for i in (32, 33, 55, 56)})
+
+
+class _Xlsx:
+    """Just enough of an xlsx package to find the first sheet's styles, errors and raw values."""
+
+    def __init__(self, data: bytes):
+        try:
+            self.zip = zipfile.ZipFile(io.BytesIO(data))
+            for info in self.zip.infolist():
+                if info.file_size > MAX_XML_BYTES or (info.file_size > 10_000_000 and info.file_size > MAX_XML_RATIO * max(info.compress_size, 1)):
+                    raise Unprocessable(f"xlsx part {info.filename} would expand to {info.file_size:,} bytes (a zip bomb?)")
+            self.sheet = self._first_sheet_path()
+        except Unprocessable:
+            raise
+        except Exception as exc:
+            raise Unprocessable(f"cannot read the .xlsx file: {exc}") from None
+        self._check_dimension()
+
+    def _read(self, name: str) -> bytes:
+        return self.zip.read(name)
+
+    def _first_sheet_path(self) -> str:
+        workbook = self._read("xl/workbook.xml")
+        match = re.search(rb"<(?:\w+:)?sheet\b[^>]*?\br:id=\"([^\"]+)\"", workbook) or re.search(rb"<(?:\w+:)?sheet\b[^>]*?\bid=\"([^\"]+)\"", workbook)
+        if not match:
+            raise Unprocessable("the workbook has no sheets")
+        rels = self._read("xl/_rels/workbook.xml.rels")
+        for rel in re.finditer(rb"<Relationship\b[^>]*>", rels):
+            if re.search(rb'\bId="' + re.escape(match.group(1)) + rb'"', rel.group(0)):
+                target = re.search(rb'\bTarget="([^"]+)"', rel.group(0)).group(1).decode()
+                return target.lstrip("/") if target.startswith("/") else normpath(join("xl", target))
+        raise Unprocessable("the workbook's first sheet has no part")
+
+    def _check_dimension(self) -> None:
+        """Refuse a sheet whose declared size is over the limits before any cell is read."""
+        with self.zip.open(self.sheet) as stream:
+            head = stream.read(4096)
+        match = re.search(rb'<(?:\w+:)?dimension\s+ref="([A-Z]+)(\d+)(?::([A-Z]+)(\d+))?"', head)
+        if match and match.group(3):
+            cols = _column(match.group(3)) - _column(match.group(1)) + 1
+            rows = int(match.group(4)) - int(match.group(2)) + 1
+            if cols > MAX_COLUMNS or rows * cols > MAX_CELLS:
+                raise Unprocessable(f"the sheet declares {rows:,} rows × {cols:,} columns, over the limit of {MAX_CELLS:,} cells or {MAX_COLUMNS:,} columns")
+
+    def style_kinds(self) -> dict[int, str | None]:
+        """cellXfs index → date kind of its number format."""
+        try:
+            styles = self._read("xl/styles.xml")
+        except KeyError:
+            return {}
+        custom = {int(m.group(1)): _unescape(m.group(2).decode()) for m in re.finditer(rb'<(?:\w+:)?numFmt\b[^>]*?numFmtId="(\d+)"[^>]*?formatCode="([^"]*)"', styles)}
+        xfs = re.search(rb"<(?:\w+:)?cellXfs\b.*?</(?:\w+:)?cellXfs>", styles, re.S)
+        kinds = {}
+        for i, xf in enumerate(re.finditer(rb"<(?:\w+:)?xf\b[^>]*>", xfs.group(0) if xfs else b"")):
+            fmt = re.search(rb'numFmtId="(\d+)"', xf.group(0))
+            fmt_id = int(fmt.group(1)) if fmt else 0
+            kinds[i] = format_kind(custom[fmt_id]) if fmt_id in custom else _BUILTIN_KINDS.get(fmt_id)
+        return kinds
+
+    def has_errors(self) -> bool:
+        with self.zip.open(self.sheet) as stream:
+            tail = b""
+            while chunk := stream.read(1 << 20):
+                if b't="e"' in tail + chunk:
+                    return True
+                tail = chunk[-8:]
+        return False
+
+    def raw_cells(self, wanted: set[tuple[int, int]]) -> dict[tuple[int, int], tuple[int | None, str | None, str]]:
+        """(row, col) → (style index, t attribute, raw value) for the wanted cells and every error cell."""
+        xml = self._read(self.sheet)
+        found = {}
+        for match in re.finditer(rb"<(?:\w+:)?c\b([^>]*?)(?:/>|>(.*?)</(?:\w+:)?c>)", xml, re.S):
+            attrs = match.group(1)
+            ref = re.search(rb'\br="([A-Z]+)(\d+)"', attrs)
+            if not ref:
+                continue
+            rc = (int(ref.group(2)) - 1, _column(ref.group(1)) - 1)
+            kind = re.search(rb'\bt="(\w+)"', attrs)
+            kind = kind.group(1).decode() if kind else None
+            if rc not in wanted and kind != "e":
+                continue
+            style = re.search(rb'\bs="(\d+)"', attrs)
+            value = re.search(rb"<(?:\w+:)?v>([^<]*)</", match.group(2) or b"")
+            found[rc] = (int(style.group(1)) if style else 0, kind, _unescape(value.group(1).decode()) if value else "")
+        return found
+
+
+def _column(letters: bytes) -> int:
+    n = 0
+    for ch in letters:
+        n = n * 26 + ch - 64
+    return n
+
+
+def _unescape(text: str) -> str:
+    return text.replace("&quot;", '"').replace("&apos;", "'").replace("&lt;", "<").replace("&gt;", ">").replace("&amp;", "&")
+
+
+# --- xls --------------------------------------------------------------------
+
+# BIFF8 BOOLERR record holding an error, and FORMULA record whose cached result is an error
+_XLS_ERROR = re.compile(rb"\x05\x02\x08\x00.{7}\x01|\x06\x00..{6}\x02.{5}\xff\xff", re.S)
+
+
+def _xls_may_have_errors(data: bytes) -> bool:
+    return _XLS_ERROR.search(data) is not None
+
+
+def _fix_up_xls(rows: list[list], data: bytes) -> None:
+    import xlrd
+
+    book = xlrd.open_workbook(file_contents=data, formatting_info=True, on_demand=True)
+    sheet = book.sheet_by_index(0)
+    kinds: dict[int, str | None] = {}
+    for r in range(min(sheet.nrows, len(rows))):
+        for c in range(min(sheet.ncols, len(rows[r]))):
+            ctype = sheet.cell_type(r, c)
+            if ctype == xlrd.XL_CELL_ERROR:
+                rows[r][c] = Raw(xlrd.error_text_from_code.get(sheet.cell_value(r, c), "#N/A"))
+            elif type(rows[r][c]) in (datetime, time):
+                xf = sheet.cell_xf_index(r, c)
+                if xf not in kinds:
+                    fmt = book.format_map.get(book.xf_list[xf].format_key)
+                    kinds[xf] = format_kind(fmt.format_str) if fmt else None
+                rows[r][c] = _as_format(rows[r][c], kinds[xf])
