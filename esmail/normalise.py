@@ -10,35 +10,41 @@ import codecs
 import re
 
 _BLANK_LINES = re.compile(rb"\n\s*\n")
+_CR_TO_LF = bytes.maketrans(b"\r", b"\n")
+_NON_ASCII = re.compile(rb"[\x80-\xff]+")
 _REPLACEMENT = "\ufffd".encode()
 _SAMPLE = 4096
 
 
 def normalise(data: bytes, ascii_only: bool = False) -> bytes:
     """Decode (UTF-8, UTF-16, else Windows-1252), drop NULs and U+FFFD, unify line ends, drop blank lines."""
-    if data.isascii():
-        text = data.replace(b"\x00", b"")
-    else:
-        decoded = decode(data).replace("\x00", "").replace("\ufffd", "")
-        text = decoded.encode("ascii", "ignore") if ascii_only else decoded.encode("utf-8")
-    text = b"\n" + text.replace(b"\r\n", b"\n").replace(b"\r", b"\n") + b"\n"
-    return _BLANK_LINES.sub(b"\n", text)[1:]
+    if not data.isascii():
+        data = to_utf8(data)
+        if ascii_only:
+            data = _NON_ASCII.sub(b"", data)
+        elif _REPLACEMENT in data:
+            data = data.replace(_REPLACEMENT, b"")
+    if b"\x00" in data:
+        data = data.replace(b"\x00", b"")
+    data = b"\n" + data.replace(b"\r\n", b"\n").translate(_CR_TO_LF) + b"\n"
+    return _BLANK_LINES.sub(b"\n", data)[1:]
 
 
-def decode(data: bytes) -> str:
-    """Bytes of unknown encoding as text: a BOM or NUL pattern says UTF-16, else UTF-8, else Windows-1252."""
+def to_utf8(data: bytes) -> bytes:
+    """Bytes of unknown encoding as UTF-8: a BOM or NUL pattern says UTF-16, else UTF-8, else Windows-1252."""
     body = data
     while body.startswith(_REPLACEMENT):  # a BOM damaged by an earlier UTF-8 round trip
         body = body[len(_REPLACEMENT):]
     if body.startswith(codecs.BOM_UTF16_LE) or body.startswith(codecs.BOM_UTF16_BE):
-        return body.decode("utf-16", "replace")
+        return body.decode("utf-16", "replace").encode()
     utf16 = _utf16_by_nuls(body[:_SAMPLE])
     if utf16:
-        return body.decode(utf16, "replace")
+        return body.decode(utf16, "replace").encode()
     try:
-        return data.decode("utf-8-sig")
-    except UnicodeDecodeError:
-        return data.decode("cp1252", "replace")
+        data.decode("utf-8")
+    except UnicodeDecodeError:  # its five undefined bytes are dropped
+        return data.decode("cp1252", "ignore").encode()
+    return data[3:] if data.startswith(codecs.BOM_UTF8) else data
 
 
 def _utf16_by_nuls(sample: bytes) -> str | None:

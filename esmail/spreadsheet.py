@@ -43,15 +43,20 @@ def to_csv(data: bytes, kind: str) -> bytes:
         raise
     except Exception as exc:  # calamine raises its own error types and plain ValueErrors
         raise Unprocessable(f"cannot read the {kind} file: {exc}") from None
-    width = max((len(r) for r in rows), default=0)
-    _fix_up(rows, xlsx, data if kind == ".xls" else None)
-    out = io.StringIO()
-    for row in rows:
-        out.write(",".join(map(_field, row)))
+    lines, inexact = [], set()
+    for r, row in enumerate(rows):
+        try:
+            lines.append(_line(row))
+        except _Inexact:
+            lines.append("")
+            inexact.add(r)
+    for r in _fix_up(rows, inexact, xlsx, data if kind == ".xls" else None) | inexact:
+        lines[r] = ",".join(map(_field, rows[r]))
+    width = max(map(len, rows), default=0)
+    for r, row in enumerate(rows):  # calamine's rows are all one width; this keeps §5 true if not
         if len(row) < width:
-            out.write("," * (width - len(row)))
-        out.write("\n")
-    return out.getvalue().encode("utf-8")
+            lines[r] += "," * (width - len(row))
+    return "".join(line + "\n" for line in lines).encode("utf-8")
 
 
 # --- writing one cell -------------------------------------------------------
@@ -109,40 +114,57 @@ _WRITERS = {
 
 
 def _field(v) -> str:
-    if type(v) is float:  # the common case first
-        return str(int(v)) if v.is_integer() else _number(v)
     return _WRITERS[type(v)](v)
+
+
+class _Inexact(Exception):
+    """A whole number past 2^53: calamine's float may have rounded it."""
+
+
+def _integral(v: float) -> str:
+    if -_BIG < v < _BIG:
+        return str(int(v))
+    raise _Inexact
+
+
+def _line(row: list) -> str:
+    """One CSV line. Floats, the bulk of AMR data, are written inline; a row that may hold a
+    float in exponent form (`e-`, from repr) is written again cell by cell for Ruby's `1.0e-05`."""
+    line = ",".join([(_integral(v) if v.is_integer() else repr(v)) if type(v) is float else _WRITERS[type(v)](v) for v in row])
+    return line if "e-" not in line else ",".join(map(_field, row))
 
 
 # --- what calamine hides ----------------------------------------------------
 
+_DATE_LIKE = {datetime, time}
 
-def _fix_up(rows: list[list], xlsx: "_Xlsx | None", xls: bytes | None) -> None:
-    """Correct the cells calamine cannot get right, reading formats and raw values where needed."""
-    dates, big = [], []
-    for r, row in enumerate(rows):
-        for c, v in enumerate(row):
-            t = type(v)
-            if t is datetime or t is time:
-                dates.append((r, c))
-            elif t is float and abs(v) >= _BIG:
-                big.append((r, c))
+
+def _fix_up(rows: list[list], inexact: set[int], xlsx: "_Xlsx | None", xls: bytes | None) -> set[int]:
+    """Correct the cells calamine cannot get right, from formats and raw values; return the rows changed."""
+    dates = [(r, c) for r, row in enumerate(rows) if _DATE_LIKE.intersection(map(type, row))
+             for c, v in enumerate(row) if type(v) in _DATE_LIKE]
+    changed = set()
     if xlsx is not None:
         kinds = xlsx.style_kinds()
-        ambiguous = [rc for rc in dates if _may_differ(rows[rc[0]][rc[1]], set(kinds.values()))]
-        if ambiguous or big or xlsx.has_errors():
-            cells = xlsx.raw_cells(set(ambiguous) | set(big))
-            for (r, c), (style, kind_attr, raw) in cells.items():
+        ambiguous = {rc for rc in dates if _may_differ(rows[rc[0]][rc[1]], set(kinds.values()))}
+        maybe_errors = any(row.count("") for row in rows)  # calamine writes an error cell as ""
+        if ambiguous or ((inexact or maybe_errors) and xlsx.has_errors_or_big_integers()):
+            for (r, c), (style, kind_attr, raw) in xlsx.raw_cells(ambiguous).items():
                 if r >= len(rows) or c >= len(rows[r]):
                     continue
                 if kind_attr == "e":
                     rows[r][c] = Raw(raw)
-                elif (r, c) in big and re.fullmatch(r"-?\d+", raw):
-                    rows[r][c] = Raw(str(int(raw)))  # exact, where a float would round past 2^53
-                elif style is not None and style in kinds:
+                elif type(rows[r][c]) is float and _BIG_INTEGER.fullmatch(raw):
+                    rows[r][c] = Raw(str(int(raw)))  # exact, where the float rounded past 2^53
+                elif (r, c) in ambiguous and style in kinds:
                     rows[r][c] = _as_format(rows[r][c], kinds[style])
+                changed.add(r)
     elif xls is not None and (dates or _xls_may_have_errors(xls)):
-        _fix_up_xls(rows, xls)
+        changed = _fix_up_xls(rows, xls)
+    return changed
+
+
+_BIG_INTEGER = re.compile(r"-?\d{16,}")  # 2^53 has 16 digits: shorter integers are exact as floats
 
 
 def _may_differ(v, kinds: set) -> bool:
@@ -176,6 +198,9 @@ def format_kind(code: str) -> str | None:
 _BUILTIN_KINDS = {14: "date", 15: "date", 16: "date", 17: "date", 18: "time", 19: "time", 20: "time", 21: "time", 22: "datetime", 45: "time", 46: "time", 47: "time"}
 _BUILTIN_KINDS.update({i: "date" for i in (27, 28, 29, 30, 31, 34, 35, 36, 50, 51, 52, 53, 54, 57, 58)})
 _BUILTIN_KINDS.update({i: "time" for i in (32, 33, 55, 56)})
+
+
+_BIG_VALUE = re.compile(rb"<v>-?\d{16}")  # a literal prefix: sre scans for it at memchr speed
 
 
 class _Xlsx:
@@ -235,17 +260,20 @@ class _Xlsx:
             kinds[i] = format_kind(custom[fmt_id]) if fmt_id in custom else _BUILTIN_KINDS.get(fmt_id)
         return kinds
 
-    def has_errors(self) -> bool:
+    def has_errors_or_big_integers(self) -> bool:
+        """Whether the sheet has an error cell or an integer a float cannot hold, read as a stream."""
         with self.zip.open(self.sheet) as stream:
             tail = b""
             while chunk := stream.read(1 << 20):
-                if b't="e"' in tail + chunk:
+                window = tail + chunk
+                if b't="e"' in window or _BIG_VALUE.search(window):
                     return True
-                tail = chunk[-8:]
+                tail = chunk[-40:]
         return False
 
     def raw_cells(self, wanted: set[tuple[int, int]]) -> dict[tuple[int, int], tuple[int | None, str | None, str]]:
-        """(row, col) → (style index, t attribute, raw value) for the wanted cells and every error cell."""
+        """(row, col) → (style index, t attribute, raw value) for the wanted cells, every error cell
+        and every cell holding a long integer."""
         xml = self._read(self.sheet)
         found = {}
         for match in re.finditer(rb"<(?:\w+:)?c\b([^>]*?)(?:/>|>(.*?)</(?:\w+:)?c>)", xml, re.S):
@@ -256,11 +284,12 @@ class _Xlsx:
             rc = (int(ref.group(2)) - 1, _column(ref.group(1)) - 1)
             kind = re.search(rb'\bt="(\w+)"', attrs)
             kind = kind.group(1).decode() if kind else None
-            if rc not in wanted and kind != "e":
+            value = re.search(rb"<(?:\w+:)?v>([^<]*)</", match.group(2) or b"")
+            raw = _unescape(value.group(1).decode()) if value else ""
+            if rc not in wanted and kind != "e" and not _BIG_INTEGER.fullmatch(raw):
                 continue
             style = re.search(rb'\bs="(\d+)"', attrs)
-            value = re.search(rb"<(?:\w+:)?v>([^<]*)</", match.group(2) or b"")
-            found[rc] = (int(style.group(1)) if style else 0, kind, _unescape(value.group(1).decode()) if value else "")
+            found[rc] = (int(style.group(1)) if style else 0, kind, raw)
         return found
 
 
@@ -285,20 +314,24 @@ def _xls_may_have_errors(data: bytes) -> bool:
     return _XLS_ERROR.search(data) is not None
 
 
-def _fix_up_xls(rows: list[list], data: bytes) -> None:
+def _fix_up_xls(rows: list[list], data: bytes) -> set[int]:
     import xlrd
 
     book = xlrd.open_workbook(file_contents=data, formatting_info=True, on_demand=True)
     sheet = book.sheet_by_index(0)
     kinds: dict[int, str | None] = {}
+    changed = set()
     for r in range(min(sheet.nrows, len(rows))):
         for c in range(min(sheet.ncols, len(rows[r]))):
             ctype = sheet.cell_type(r, c)
             if ctype == xlrd.XL_CELL_ERROR:
                 rows[r][c] = Raw(xlrd.error_text_from_code.get(sheet.cell_value(r, c), "#N/A"))
+                changed.add(r)
             elif type(rows[r][c]) in (datetime, time):
                 xf = sheet.cell_xf_index(r, c)
                 if xf not in kinds:
                     fmt = book.format_map.get(book.xf_list[xf].format_key)
                     kinds[xf] = format_kind(fmt.format_str) if fmt else None
                 rows[r][c] = _as_format(rows[r][c], kinds[xf])
+                changed.add(r)
+    return changed

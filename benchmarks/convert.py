@@ -1,0 +1,173 @@
+"""Conversion speed and memory (DESIGN §10), as ratios against baselines measured in the same run.
+
+    python benchmarks/convert.py [--runs 3] [--rows 20000]
+
+Generates the AMR-shaped corpus once (benchmarks/corpus/, 20,000 rows × 50
+columns as xlsx, xls and dirty CSV), then times each converter in a fresh
+process, median of --runs, and prints one table. Targets: xlsx ≥ 8× openpyxl
+read-only, xls ≥ 3× xlrd, peak RSS ≤ 150 MB, normalisation ≥ 200 MB/s.
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import io
+import json
+import random
+import resource
+import statistics
+import subprocess
+import sys
+import time
+from datetime import date, timedelta
+from pathlib import Path
+
+CORPUS = Path(__file__).parent / "corpus"
+
+
+def rows(n: int):
+    rng = random.Random(42)
+    start = date(2024, 1, 1)
+    for i in range(n):
+        yield [2200013680374 + i % 50, start + timedelta(days=i // 50)] + [round(rng.uniform(0, 40), 3) for _ in range(48)]
+
+
+def make_corpus(n: int) -> dict[str, Path]:
+    CORPUS.mkdir(exist_ok=True)
+    paths = {kind: CORPUS / f"amr-{n}.{kind}" for kind in ("xlsx", "xls", "csv")}
+    if not paths["xlsx"].exists():
+        import openpyxl
+
+        wb = openpyxl.Workbook(write_only=True)
+        ws = wb.create_sheet()
+        for row in rows(n):
+            ws.append(row)
+        wb.save(paths["xlsx"])
+    if not paths["xls"].exists():
+        import xlwt
+
+        wb = xlwt.Workbook()
+        ws = wb.add_sheet("Sheet1")
+        date_style = xlwt.easyxf(num_format_str="yyyy-mm-dd")
+        for r, row in enumerate(rows(n)):
+            for c, value in enumerate(row):
+                ws.write(r, c, value, date_style) if c == 1 else ws.write(r, c, value)
+        wb.save(str(paths["xls"]))
+    if not paths["csv"].exists():
+        rng = random.Random(7)
+        out = io.BytesIO()
+        ends = [b"\r\n", b"\n", b"\r"]
+        for row in rows(n):
+            line = ",".join(str(v) for v in row).encode()
+            if rng.random() < 0.05:
+                line += b"\x00"
+            if rng.random() < 0.02:
+                line += b"\xff"
+            out.write(line + rng.choice(ends))
+            if rng.random() < 0.1:
+                out.write(b"\r\n  \n")
+        paths["csv"].write_bytes(out.getvalue() * 4)  # ~40 MB
+    return paths
+
+
+# --- the converters, each run alone in a child process -----------------------------------------
+
+
+def run_esmail(path: Path) -> int:
+    from esmail.spreadsheet import to_csv
+
+    return len(to_csv(path.read_bytes(), path.suffix))
+
+
+def run_openpyxl(path: Path) -> int:
+    import openpyxl
+
+    wb = openpyxl.load_workbook(path, read_only=True, data_only=True)
+    out = io.StringIO()
+    writer = csv.writer(out, lineterminator="\n")
+    for row in wb.worksheets[0].iter_rows(values_only=True):
+        writer.writerow(row)
+    return len(out.getvalue())
+
+
+def run_xlrd(path: Path) -> int:
+    import xlrd
+
+    sheet = xlrd.open_workbook(str(path)).sheet_by_index(0)
+    out = io.StringIO()
+    writer = csv.writer(out, lineterminator="\n")
+    for r in range(sheet.nrows):
+        writer.writerow(sheet.row_values(r))
+    return len(out.getvalue())
+
+
+def run_normalise(path: Path) -> int:
+    from esmail.normalise import normalise
+
+    return len(normalise(path.read_bytes()))
+
+
+def run_line_loop(path: Path) -> int:
+    """The straightforward normaliser DESIGN §10 compares against: decode, split, filter, join."""
+    text = path.read_bytes().decode("utf-8", "replace").replace("\x00", "").replace("\ufffd", "")
+    return len("".join(line + "\n" for line in text.splitlines() if line.strip()).encode())
+
+
+RUNNERS = {"esmail": run_esmail, "openpyxl": run_openpyxl, "xlrd": run_xlrd, "normalise": run_normalise, "line-loop": run_line_loop}
+
+
+def child(name: str, path: Path) -> None:
+    before = time.perf_counter()
+    size = RUNNERS[name](path)
+    seconds = time.perf_counter() - before
+    print(json.dumps({"seconds": seconds, "peak_mb": peak_rss_mb(), "out_bytes": size}))
+
+
+def peak_rss_mb() -> float:
+    """This process's peak RSS (VmHWM: unlike ru_maxrss, not inherited from the parent across fork)."""
+    for line in Path("/proc/self/status").read_text().splitlines():
+        if line.startswith("VmHWM:"):
+            return int(line.split()[1]) / 1024
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+
+
+def measure(name: str, path: Path, runs: int) -> dict:
+    results = []
+    for _ in range(runs):
+        done = subprocess.run([sys.executable, __file__, "--child", name, str(path)], capture_output=True, text=True, check=True)
+        results.append(json.loads(done.stdout))
+    return {"seconds": statistics.median(r["seconds"] for r in results), "peak_mb": max(r["peak_mb"] for r in results)}
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--runs", type=int, default=3)
+    parser.add_argument("--rows", type=int, default=20_000)
+    parser.add_argument("--child", nargs=2, metavar=("RUNNER", "FILE"), help=argparse.SUPPRESS)
+    args = parser.parse_args()
+    if args.child:
+        return child(args.child[0], Path(args.child[1]))
+    paths = make_corpus(args.rows)
+    cells = args.rows * 50
+    print(f"corpus: {args.rows:,} rows × 50 columns ({cells:,} cells); median of {args.runs} runs, each in a fresh process\n")
+    print(f"{'task':<34}{'seconds':>9}{'peak MB':>9}   ratio (target)")
+    xlsx, openpyxl_ = measure("esmail", paths["xlsx"], args.runs), measure("openpyxl", paths["xlsx"], args.runs)
+    xls, xlrd_ = measure("esmail", paths["xls"], args.runs), measure("xlrd", paths["xls"], args.runs)
+    norm, loop = measure("normalise", paths["csv"], args.runs), measure("line-loop", paths["csv"], args.runs)
+    mb = paths["csv"].stat().st_size / 1e6
+    table = [
+        ("openpyxl read-only + csv.writer", openpyxl_, ""),
+        ("esmail xlsx → CSV", xlsx, f"{openpyxl_['seconds'] / xlsx['seconds']:.1f}× openpyxl (≥ 8×)"),
+        ("xlrd + csv.writer", xlrd_, ""),
+        ("esmail xls → CSV", xls, f"{xlrd_['seconds'] / xls['seconds']:.1f}× xlrd (≥ 3×)"),
+        (f"line-loop normalise ({mb:.0f} MB)", loop, f"{mb / loop['seconds']:.0f} MB/s"),
+        (f"esmail normalise ({mb:.0f} MB)", norm, f"{mb / norm['seconds']:.0f} MB/s (≥ 200), {loop['seconds'] / norm['seconds']:.1f}× line loop"),
+    ]
+    for name, result, ratio in table:
+        print(f"{name:<34}{result['seconds']:>9.2f}{result['peak_mb']:>9.0f}   {ratio}")
+    print(f"\npeak RSS of esmail's conversions: xlsx {xlsx['peak_mb']:.0f} MB, xls {xls['peak_mb']:.0f} MB (≤ 150 MB)")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,65 @@
+"""DESIGN §2 header prefixes and attachment discovery."""
+
+from email.message import EmailMessage
+
+from esmail import mail
+
+
+def message(**headers) -> EmailMessage:
+    msg = EmailMessage()
+    for name, value in headers.items():
+        msg[name.replace("_", "-")] = value
+    msg.set_content("body")
+    return msg
+
+
+def parsed(msg: EmailMessage):
+    return mail.parse(bytes(msg))
+
+
+def test_configured_domain_wins_in_header_order():
+    msg = message(To="boss@other.org, Feed@datafeeds.example.org", X_Original_To="orig@datafeeds.example.org")
+    assert mail.header_prefix(parsed(msg), ("datafeeds.example.org",)) == "orig"
+
+
+def test_without_a_configured_domain_the_old_rule_applies():
+    msg = message(To="first@a.org, second@b.org", X_Forwarded_To="fwd@c.org")
+    assert mail.header_prefix(parsed(msg), ("datafeeds.example.org",)) == "fwd"
+    assert mail.header_prefix(parsed(message(To="first@a.org, second@b.org")), ()) == "first"
+
+
+def test_no_usable_recipient():
+    assert mail.header_prefix(parsed(message(To="bad..name@a.org")), ()) is None
+    assert mail.header_prefix(parsed(message(Subject="none")), ()) is None
+
+
+def test_attachment_names_rfc2231_and_encoded_words():
+    msg = message(To="x@y")
+    msg.add_attachment(b"1", maintype="text", subtype="csv", filename=("utf-8", "", "caf\u00e9 £.csv"))
+    msg.add_attachment(b"2", maintype="application", subtype="octet-stream", filename="plain.csv")
+    raw = bytes(msg).replace(b'filename="plain.csv"', b'filename="=?UTF-8?B?w6lsw6ltZW50LmNzdg==?="')
+    names = [a.name for a in mail.attachments(mail.parse(raw))]
+    assert names == ["caf\u00e9 £.csv", "\u00e9l\u00e9ment.csv"]
+
+
+def test_name_from_content_type_and_unsafe_names():
+    msg = message(To="x@y")
+    msg.add_attachment(b"data", maintype="application", subtype="zip", params={"name": "../../up.zip"})
+    msg.add_attachment(b"raw", maintype="application", subtype="zip", disposition="attachment")
+    assert [(a.name, a.data) for a in mail.attachments(parsed(msg))] == [("up.zip", b"data"), ("attachment.zip", b"raw")]
+
+
+def test_forwarded_as_attachment():
+    """Attachments of an attached message/rfc822 are the outer message's too."""
+    inner = message(To="a@b", Subject="original")
+    inner.add_attachment(b"a,b\n", maintype="text", subtype="csv", filename="inner.csv")
+    outer = message(To="sheffield@datafeeds.example.org")
+    outer.add_attachment(b"x\n", maintype="text", subtype="csv", filename="outer.csv")
+    outer.add_attachment(inner)
+    assert [(a.name, a.data) for a in mail.attachments(parsed(outer))] == [("outer.csv", b"x\n"), ("inner.csv", b"a,b\n")]
+
+
+def test_body_is_not_an_attachment():
+    msg = message(To="x@y")
+    msg.add_alternative("<p>html</p>", subtype="html")
+    assert mail.attachments(parsed(msg)) == []
