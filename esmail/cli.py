@@ -82,6 +82,11 @@ async def _ingest(config: Config, args) -> int:
     queued = []
     for name in args.files:
         try:
+            size = Path(name).stat().st_size
+            if size > config.smtp.max_message_size:
+                print(f"esmail ingest: {name}: {size:,} bytes is over [smtp] max_message_size ({config.smtp.max_message_size:,})", file=sys.stderr)
+                status = 1
+                continue
             raw = Path(name).read_bytes()
         except OSError as exc:
             print(f"esmail ingest: {name}: {exc.strerror or exc}", file=sys.stderr)

@@ -40,17 +40,8 @@ def parse_size(text: str | int) -> int:
     return int(float(match.group(1)) * _UNITS[match.group(2)])
 
 
-def parse_hostport(text: str) -> tuple[str, int]:
-    """`"127.0.0.1:2525"` or `"[::1]:25"` → (host, port)."""
-    host, sep, port = text.rpartition(":")
-    if not sep or not port.isdigit() or not 0 < int(port) < 65536:
-        raise ValueError(f'"HOST:PORT" such as "127.0.0.1:2525", not {text!r}')
-    return host.strip("[]") or "0.0.0.0", int(port)
-
-
 @dataclass(frozen=True)
 class SmtpConfig:
-    listen: tuple[str, int] = ("127.0.0.1", 2525)
     domains: tuple[str, ...] = ()
     max_message_size: int = 40_000_000
 
@@ -77,13 +68,11 @@ class Buckets:
 @dataclass(frozen=True)
 class SpoolConfig:
     path: Path = Path("./esmail-spool")
-    min_free: int = 500_000_000
 
 
 @dataclass(frozen=True)
 class WorkerConfig:
     processes: int = 0  # 0: one per core
-    max_attempts: int = 20
 
 
 @dataclass(frozen=True)
@@ -118,8 +107,8 @@ class Config:
 
 
 def _show(value: Any) -> str:
-    if isinstance(value, tuple) and len(value) == 2 and isinstance(value[1], int) and isinstance(value[0], str):
-        return f'"{value[0]}:{value[1]}"'
+    if value is None:
+        return "(not set)"
     if isinstance(value, tuple):
         return "[" + ", ".join(f'"{v}"' for v in value) + "]"
     if isinstance(value, bool):
@@ -156,7 +145,6 @@ def _domains(v: Any) -> tuple[str, ...]:
 
 _SCHEMA: dict[str, dict[str, tuple[Any, str]]] = {
     "smtp": {
-        "listen": (parse_hostport, '"HOST:PORT", e.g. "127.0.0.1:2525"'),
         "domains": (_domains, 'a list of domain names, e.g. ["datafeeds.example.org"]'),
         "max_message_size": (parse_size, 'a size such as "40MB"'),
     },
@@ -169,11 +157,9 @@ _SCHEMA: dict[str, dict[str, tuple[Any, str]]] = {
     "buckets": {name: (_str, 'a bucket name; "{stage}" is replaced by the stage') for name in ("inbox", "amr_data", "unprocessable")},
     "spool": {
         "path": (lambda v: Path(_str(v)), "a folder path"),
-        "min_free": (parse_size, 'a size such as "500MB"'),
     },
     "worker": {
         "processes": (_positive_int, "a whole number of processes (0: one per core)"),
-        "max_attempts": (_positive_int, "a whole number of attempts"),
     },
     "csv": {"ascii_only": (_bool, "true or false")},
 }

@@ -119,3 +119,13 @@ def test_seed_emails_through_ingest(tmp_path):
     [first] = amr.glob("*/4003063_9232_Export_20181108_120524_290.csv")
     assert first.read_bytes() == (SEED / "expected" / "sheffield_export.zip.4003063_9232_Export_20181108_120524_290.csv.normalised.csv").read_bytes()
     assert len(list(amr.glob("*/*.csv"))) == 2
+
+
+def test_ingest_refuses_a_message_over_max_message_size(tmp_path):
+    toml = tmp_path / "c.toml"
+    toml.write_text(f'[storage]\npath = "{tmp_path / "data"}"\n[spool]\npath = "{tmp_path / "spool"}"\n[smtp]\nmax_message_size = "1KB"\n')
+    big = tmp_path / "big.eml"
+    big.write_bytes(b"To: a@b\r\n\r\n" + b"x" * 2000)
+    result = esmail("ingest", "--config", toml, big)
+    assert result.returncode == 1 and "over [smtp] max_message_size (1,000)" in result.stderr
+    assert not (tmp_path / "data").exists()

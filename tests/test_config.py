@@ -1,0 +1,62 @@
+"""Configuration: defaults, sizes, stage-named buckets, secrets from .env.{stage}."""
+
+import pytest
+
+from esmail import config as config_module
+from esmail.config import parse_size
+from esmail.errors import ConfigError
+
+
+@pytest.mark.parametrize("text, size", [("40MB", 40_000_000), ("40MiB", 40 * 2**20), ("500 KB", 500_000), (1024, 1024), ("1.5GB", 1_500_000_000)])
+def test_sizes(text, size):
+    assert parse_size(text) == size
+
+
+@pytest.mark.parametrize("text", ["forty", "40XB", True, -1.0, ""])
+def test_bad_sizes(text):
+    with pytest.raises(ValueError):
+        parse_size(text)
+
+
+def test_embedded_default(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    cfg = config_module.load(None, environ={})
+    assert (cfg.stage, cfg.buckets.amr_data, str(cfg.storage.path), cfg.smtp.max_message_size) == (
+        "development", "es-development-data-amr-data", "esmail-data", 40_000_000)
+
+
+def test_stage_names_buckets_and_env_file_gives_secrets(tmp_path):
+    path = tmp_path / "esmail.toml"
+    path.write_text('stage = "production"\n[smtp]\ndomains = ["DataFeeds.Example.org"]\n')
+    (tmp_path / ".env.production").write_text("AWS_ACCESS_KEY_ID=from-file\nROLLBAR_ACCESS_TOKEN=tok\n")
+    cfg = config_module.load(path, environ={"AWS_ACCESS_KEY_ID": "from-env"})
+    assert cfg.buckets.inbox == "es-production-data-inbox" and cfg.smtp.domains == ("datafeeds.example.org",)
+    assert cfg.secrets == {"AWS_ACCESS_KEY_ID": "from-env", "ROLLBAR_ACCESS_TOKEN": "tok"}
+    assert "tok" not in cfg.describe() and "from-env" not in cfg.describe()
+
+
+def test_example_config_is_valid_and_documents_every_key():
+    from pathlib import Path
+
+    example = Path(__file__).parents[1] / "config.example.toml"
+    cfg = config_module.load(example, environ={})
+    text = example.read_text()
+    for section, keys in config_module._SCHEMA.items():
+        assert f"[{section}]" in text
+        for key in keys:
+            assert f"{key} =" in text, f"[{section}] {key} is not in config.example.toml"
+    assert cfg.csv.ascii_only is False
+
+
+@pytest.mark.parametrize("text, message", [
+    ('[buckets]\ninbox = "Bad_Name"\n', "[buckets] inbox = 'Bad_Name' is not a valid bucket name"),
+    ('[buckets]\ninbox = "same"\namr_data = "same"\n', "three different buckets"),
+    ("[worker]\nprocesses = -1\n", "[worker] processes must be a whole number"),
+    ("smtp = 1\n", "'smtp' must be a table"),
+])
+def test_errors_name_the_key(tmp_path, text, message):
+    path = tmp_path / "c.toml"
+    path.write_text(text)
+    with pytest.raises(ConfigError, match=None) as info:
+        config_module.load(path, environ={})
+    assert message in str(info.value) and str(path) in str(info.value)
