@@ -13,7 +13,7 @@ import io
 import re
 import zipfile
 from datetime import date, datetime, time, timedelta
-from posixpath import dirname, join, normpath
+from posixpath import join, normpath
 
 from python_calamine import CalamineWorkbook
 

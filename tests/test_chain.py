@@ -3,7 +3,6 @@
 import io
 import zipfile
 
-import pytest
 
 from esmail import chain
 from esmail.chain import AMR_DATA, UNPROCESSABLE, route
@@ -71,7 +70,7 @@ def test_traversal_names_stay_inside():
     assert [o.name for o in route("z.zip", data)] == ["etc/passwd.csv", "abs/x.csv", "a/b/c.csv"]
 
 
-def test_too_many_entries(monkeypatch):
+def test_too_many_entries():
     data = make_zip({f"{i}.csv": CSV for i in range(chain.MAX_ZIP_ENTRIES + 1)})
     [out] = route("many.zip", data)
     assert out.bucket == UNPROCESSABLE and out.data == data and "entries" in out.reason

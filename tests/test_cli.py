@@ -129,3 +129,15 @@ def test_ingest_refuses_a_message_over_max_message_size(tmp_path):
     result = esmail("ingest", "--config", toml, big)
     assert result.returncode == 1 and "over [smtp] max_message_size (1,000)" in result.stderr
     assert not (tmp_path / "data").exists()
+
+
+def test_ingest_keeps_the_message_in_the_spool_when_storage_fails(tmp_path, moto_url):
+    """A bucket that cannot be written is a temporary failure: exit 1, and the spool entry stays for a retry."""
+    toml = tmp_path / "c.toml"
+    toml.write_text(f'[storage]\nbackend = "s3"\nendpoint_url = "{moto_url}"\nregion = "eu-west-2"\n'
+                    f'[buckets]\ninbox = "missing-inbox-bucket"\n[spool]\npath = "{tmp_path / "spool"}"\n')
+    message = eml(tmp_path)
+    result = esmail("ingest", "--config", toml, message)
+    assert result.returncode == 1 and "it stays in the spool as" in result.stderr and "NoSuchBucket" in result.stderr
+    [entry] = (tmp_path / "spool" / "queue").iterdir()
+    assert entry.read_bytes().endswith(message.read_bytes())
