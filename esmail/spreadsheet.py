@@ -146,7 +146,8 @@ def _fix_up(rows: list[list], inexact: set[int], xlsx: "_Xlsx | None", xls: byte
     changed = set()
     if xlsx is not None:
         kinds = xlsx.style_kinds()
-        ambiguous = {rc for rc in dates if _may_differ(rows[rc[0]][rc[1]], set(kinds.values()))}
+        kinds_in_book = set(kinds.values())
+        ambiguous = {rc for rc in dates if _may_differ(rows[rc[0]][rc[1]], kinds_in_book)}
         maybe_errors = any(row.count("") for row in rows)  # calamine writes an error cell as ""
         if ambiguous or ((inexact or maybe_errors) and xlsx.has_errors_or_big_integers()):
             for (r, c), (style, kind_attr, raw) in xlsx.raw_cells(ambiguous).items():
