@@ -5,10 +5,14 @@ from __future__ import annotations
 import argparse
 import asyncio
 import logging
-import multiprocessing
-import os
+import signal
+import mimetypes
+import smtplib
+import ssl
 import sys
-from concurrent.futures import ProcessPoolExecutor
+from datetime import datetime, timezone
+from email.message import EmailMessage
+from email.utils import make_msgid
 from pathlib import Path
 
 from esmail import __version__, chain, config as config_module, mail
@@ -17,6 +21,7 @@ from esmail.errors import ConfigError, TemporaryFailure
 from esmail.keys import prefix_of
 from esmail.spool import Spool
 from esmail.store import open_store
+from esmail.daemon import Daemon
 from esmail.worker import Worker
 
 log = logging.getLogger("esmail")
@@ -25,7 +30,10 @@ log = logging.getLogger("esmail")
 def main(argv: list[str] | None = None) -> int:
     parser = _parser()
     args = parser.parse_args(argv)
-    logging.basicConfig(level=getattr(args, "log_level", "warning").upper(), format="esmail: %(levelname)s %(name)s: %(message)s", stream=sys.stderr)
+    level = getattr(args, "log_level", args.default_log_level)
+    logging.basicConfig(level=level.upper(), format="esmail: %(levelname)s %(name)s: %(message)s", stream=sys.stderr)
+    if level != "debug":  # aiosmtpd logs every command at INFO
+        logging.getLogger("mail.log").setLevel(logging.WARNING)
     try:
         config = config_module.load(getattr(args, "config", None))
     except ConfigError as exc:
@@ -39,10 +47,35 @@ def _parser() -> argparse.ArgumentParser:
     # SUPPRESS: an option given before the command is not reset by the command's own parser
     common.add_argument("--config", metavar="FILE", default=argparse.SUPPRESS,
                         help=f"TOML config file (default: ${config_module.CONFIG_ENV}, else the embedded default)")
-    common.add_argument("--log-level", default=argparse.SUPPRESS, choices=["debug", "info", "warning", "error"], help="default: warning")
+    common.add_argument("--log-level", default=argparse.SUPPRESS, choices=["debug", "info", "warning", "error"],
+                        help="default: info for serve, warning for the others")
     parser = argparse.ArgumentParser(prog="esmail", description="Receive data feeds by email and store them as clean UTF-8 CSV.", parents=[common])
     parser.add_argument("--version", action="version", version=f"esmail {__version__}")
+    parser.set_defaults(default_log_level="warning")
     commands = parser.add_subparsers(title="commands", required=True, metavar="COMMAND")
+
+    serve = commands.add_parser("serve", parents=[common], help="run the SMTP server and the worker (the daemon)",
+                                description="Receive mail on [smtp] listen, spool each message (fsync'd) before answering 250, "
+                                            "and convert and store it. SIGTERM or SIGINT stops it cleanly.")
+    serve.set_defaults(run=_run(_serve), default_log_level="info")
+
+    send = commands.add_parser("send", parents=[common], help="mail files as attachments to an esmail server",
+                               description="Mail files as attachments of one message, to test a deployment end to end.")
+    send.add_argument("files", nargs="+", metavar="FILE")
+    send.add_argument("--to", required=True, metavar="ADDR", help="recipient, e.g. sheffield@datafeeds.example.org")
+    send.add_argument("--from", dest="sender", default="esmail-send@localhost", metavar="ADDR", help="sender (default: %(default)s)")
+    send.add_argument("--server", metavar="HOST:PORT", help="SMTP server (default: [smtp] listen of the config)")
+    send.add_argument("--insecure", action="store_true", help="use STARTTLS without checking the certificate (self-signed test servers)")
+    send.set_defaults(run=_send)
+
+    spool = commands.add_parser("spool", parents=[common], help="list spooled messages, or retry failed ones",
+                                description="Inspect the spool: messages waiting to be stored, and those that failed for good.")
+    spool_commands = spool.add_subparsers(title="spool commands", required=True, metavar="ACTION")
+    spool_list = spool_commands.add_parser("list", parents=[common], help="pending and failed entries: id, age, recipients, attempts, last error")
+    spool_list.set_defaults(run=_spool_list)
+    spool_retry = spool_commands.add_parser("retry", parents=[common], help="move failed entries (all, or those named) back to the queue")
+    spool_retry.add_argument("ids", nargs="*", metavar="ID")
+    spool_retry.set_defaults(run=_spool_retry)
 
     ingest = commands.add_parser("ingest", parents=[common], help="process .eml files through the spool, worker and store",
                                  description="Process raw messages (.eml) as if they had just been received: every object goes to the "
@@ -67,10 +100,21 @@ def _run(coroutine):
     return lambda config, args: asyncio.run(coroutine(config, args))
 
 
-def process_pool(config: Config) -> ProcessPoolExecutor:
-    """The pool that runs conversions off the event loop."""
-    workers = config.worker.processes or os.cpu_count() or 1
-    return ProcessPoolExecutor(max_workers=workers, mp_context=multiprocessing.get_context("spawn"))
+async def _serve(config: Config, args) -> int:
+    try:
+        daemon = Daemon(config)
+    except ConfigError as exc:
+        print(f"esmail: config error: {exc}", file=sys.stderr)
+        return 2
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(sig, daemon.stop)
+    try:
+        return await daemon.run()
+    except OSError as exc:
+        hint = " (ports below 1024 need root or CAP_NET_BIND_SERVICE)" if config.smtp.listen.port < 1024 else ""
+        print(f"esmail serve: cannot listen on {config.smtp.listen} ([smtp] listen): {exc.strerror or exc}{hint}", file=sys.stderr)
+        return 1
 
 
 async def _ingest(config: Config, args) -> int:
@@ -102,19 +146,19 @@ async def _ingest(config: Config, args) -> int:
         envelope = spool.accept(raw, [prefix] if prefix else [], recipients=(args.recipient,) if args.recipient else (), origin="ingest")
         queued.append((name, envelope.id))
     store = open_store(config)
+    worker = Worker(config, spool, store, processes=True)
     try:
-        with process_pool(config) as pool:
-            worker = Worker(config, spool, store, pool)
-            for name, entry_id in queued:
-                try:
-                    stored = await worker.process_with_retries(entry_id, attempts=3)
-                except TemporaryFailure as exc:
-                    print(f"esmail ingest: {name}: {exc}; it stays in the spool as {entry_id}", file=sys.stderr)
-                    status = 1
-                    continue
-                for item in stored:
-                    print(item, flush=True)
+        for name, entry_id in queued:
+            try:
+                stored = await worker.process_with_retries(entry_id, attempts=3)
+            except TemporaryFailure as exc:
+                print(f"esmail ingest: {name}: {exc}; it stays in the spool as {entry_id}", file=sys.stderr)
+                status = 1
+                continue
+            for item in stored:
+                print(item, flush=True)
     finally:
+        worker.close()
         await store.close()
     return status
 
@@ -157,3 +201,89 @@ async def _check_config(config: Config, args) -> int:
     finally:
         await store.close()
     return status
+
+
+def _send(config: Config, args) -> int:
+    host, port = config.smtp.listen
+    if args.server:
+        host, _, port_text = args.server.rpartition(":")
+        if not port_text.isdigit():
+            print(f"esmail send: --server {args.server!r} must be HOST:PORT, e.g. mx.example.org:25", file=sys.stderr)
+            return 2
+        host, port = host.strip("[]"), int(port_text)
+    msg = EmailMessage()
+    msg["From"], msg["To"] = args.sender, args.to
+    msg["Subject"] = "esmail send: " + ", ".join(Path(name).name for name in args.files)
+    msg["Message-ID"] = make_msgid(domain="esmail.send")
+    msg["Date"] = datetime.now(timezone.utc)
+    msg.set_content(f"{len(args.files)} file(s) attached by esmail send.\n")
+    for name in args.files:
+        try:
+            data = Path(name).read_bytes()
+        except OSError as exc:
+            print(f"esmail send: {name}: {exc.strerror or exc}", file=sys.stderr)
+            return 1
+        maintype, subtype = (mimetypes.guess_type(name)[0] or "application/octet-stream").split("/", 1)
+        msg.add_attachment(data, maintype=maintype, subtype=subtype, filename=Path(name).name)
+    try:
+        with smtplib.SMTP(host, port, timeout=120) as client:
+            client.ehlo()
+            if client.has_extn("starttls"):
+                context = ssl.create_default_context()
+                if args.insecure:
+                    context.check_hostname, context.verify_mode = False, ssl.CERT_NONE
+                client.starttls(context=context)
+                client.ehlo()
+            raw = msg.as_bytes()
+            steps = (("MAIL FROM", lambda: client.mail(args.sender, [f"SIZE={len(raw)}"])),
+                     ("RCPT TO", lambda: client.rcpt(args.to)),
+                     ("DATA", lambda: client.data(raw)))
+            for step, send_step in steps:
+                code, reply = send_step()
+                if code >= 400:
+                    print(f"esmail send: {step} refused: {code} {reply.decode(errors='replace')}", file=sys.stderr)
+                    return 1
+    except (OSError, smtplib.SMTPException) as exc:
+        print(f"esmail send: cannot send to {host}:{port}: {exc}", file=sys.stderr)
+        return 1
+    print(f"{host}:{port}: {code} {reply.decode(errors='replace')}")
+    return 0
+
+
+def _spool_list(config: Config, args) -> int:
+    spool = Spool(config.spool.path)
+    now = datetime.now(timezone.utc)
+    rows = [("ID", "STATE", "AGE", "RECIPIENTS", "ATTEMPTS", "LAST ERROR")]
+    for state, ids, folder in (("pending", spool.pending(), spool.queue), ("failed", spool.failed_ids(), spool.failed)):
+        for entry_id in ids:
+            try:
+                envelope = spool.envelope(entry_id, folder)
+            except (OSError, ValueError):
+                continue  # finished while we looked
+            entry = spool.read_state(entry_id)
+            recipients = ",".join(envelope.recipients) or ",".join(envelope.folders) or "-"
+            rows.append((entry_id, state, _age(now - envelope.received_at), recipients, str(entry.attempts),
+                         entry.reason or entry.last_error or "-"))
+    widths = [max(len(row[i]) for row in rows) for i in range(5)]
+    for row in rows:
+        print("  ".join(cell.ljust(width) for cell, width in zip(row, widths)) + "  " + row[5])
+    return 0
+
+
+def _age(delta) -> str:
+    seconds = int(delta.total_seconds())
+    for unit, size in (("d", 86400), ("h", 3600), ("m", 60)):
+        if seconds >= size:
+            return f"{seconds // size}{unit}"
+    return f"{seconds}s"
+
+
+def _spool_retry(config: Config, args) -> int:
+    spool = Spool(config.spool.path)
+    missing = [entry_id for entry_id in args.ids if entry_id not in set(spool.failed_ids())]
+    if missing:
+        print(f"esmail spool retry: not in {spool.failed}: {', '.join(missing)} (see `esmail spool list`)", file=sys.stderr)
+        return 1
+    moved = spool.retry(args.ids or None)
+    print(f"{len(moved)} entr{'y' if len(moved) == 1 else 'ies'} moved back to the queue; a running esmail serve takes them within a minute")
+    return 0

@@ -12,7 +12,7 @@ import re
 import tomllib
 from dataclasses import dataclass, field, fields, replace
 from pathlib import Path
-from typing import Any, Mapping
+from typing import Any, Mapping, NamedTuple
 
 from dotenv import dotenv_values
 
@@ -40,10 +40,28 @@ def parse_size(text: str | int) -> int:
     return int(float(match.group(1)) * _UNITS[match.group(2)])
 
 
+class Address(NamedTuple):
+    """A listening address: `127.0.0.1:2525`, `[::1]:25`."""
+
+    host: str
+    port: int
+
+    def __str__(self) -> str:
+        return f"[{self.host}]:{self.port}" if ":" in self.host else f"{self.host}:{self.port}"
+
+
 @dataclass(frozen=True)
 class SmtpConfig:
+    listen: Address = Address("127.0.0.1", 2525)
+    hostname: str = ""  # the name in the greeting; empty: the host's FQDN, looked up once at start
     domains: tuple[str, ...] = ()
     max_message_size: int = 40_000_000
+    tls_cert: Path | None = None
+    tls_key: Path | None = None
+    require_tls: bool = False
+    command_timeout: float = 300.0  # idle time allowed between commands and between DATA packets
+    session_timeout: float = 1800.0  # a whole connection, however busy
+    max_sessions: int = 100
 
 
 @dataclass(frozen=True)
@@ -68,11 +86,13 @@ class Buckets:
 @dataclass(frozen=True)
 class SpoolConfig:
     path: Path = Path("./esmail-spool")
+    min_free: int = 500_000_000  # refuse mail (451) rather than fill the disk
 
 
 @dataclass(frozen=True)
 class WorkerConfig:
     processes: int = 0  # 0: one per core
+    max_attempts: int = 100  # storage failures retried with backoff (1 s doubling, capped at 10 min): ~15 h
 
 
 @dataclass(frozen=True)
@@ -109,6 +129,8 @@ class Config:
 def _show(value: Any) -> str:
     if value is None:
         return "(not set)"
+    if isinstance(value, Address):
+        return f'"{value}"'
     if isinstance(value, tuple):
         return "[" + ", ".join(f'"{v}"' for v in value) + "]"
     if isinstance(value, bool):
@@ -137,6 +159,20 @@ def _positive_int(v: Any) -> int:
     return v
 
 
+def _seconds(v: Any) -> float:
+    if isinstance(v, bool) or not isinstance(v, (int, float)) or v <= 0:
+        raise TypeError
+    return float(v)
+
+
+def _listen(v: Any) -> Address:
+    """`"127.0.0.1:2525"`, `"[::1]:25"` or `":25"` (every address) → (host, port)."""
+    host, sep, port = _str(v).rpartition(":")
+    if not sep or not port.isdigit() or not 0 < int(port) < 65536:
+        raise ValueError
+    return Address(host.strip("[]") or "0.0.0.0", int(port))
+
+
 def _domains(v: Any) -> tuple[str, ...]:
     if not isinstance(v, list) or not all(isinstance(d, str) and d for d in v):
         raise TypeError
@@ -145,8 +181,16 @@ def _domains(v: Any) -> tuple[str, ...]:
 
 _SCHEMA: dict[str, dict[str, tuple[Any, str]]] = {
     "smtp": {
+        "listen": (_listen, 'an address and port such as "127.0.0.1:2525", "[::1]:25" or ":25" (every address)'),
+        "hostname": (_str, 'the host name for the greeting, e.g. "mx.datafeeds.example.org"'),
         "domains": (_domains, 'a list of domain names, e.g. ["datafeeds.example.org"]'),
         "max_message_size": (parse_size, 'a size such as "40MB"'),
+        "tls_cert": (lambda v: Path(_str(v)), "the path of a PEM certificate (chain) file"),
+        "tls_key": (lambda v: Path(_str(v)), "the path of a PEM private key file"),
+        "require_tls": (_bool, "true or false"),
+        "command_timeout": (_seconds, "a number of seconds greater than 0"),
+        "session_timeout": (_seconds, "a number of seconds greater than 0"),
+        "max_sessions": (_positive_int, "a whole number of concurrent connections"),
     },
     "storage": {
         "backend": (_str, '"local" or "s3"'),
@@ -157,9 +201,11 @@ _SCHEMA: dict[str, dict[str, tuple[Any, str]]] = {
     "buckets": {name: (_str, 'a bucket name; "{stage}" is replaced by the stage') for name in ("inbox", "amr_data", "unprocessable")},
     "spool": {
         "path": (lambda v: Path(_str(v)), "a folder path"),
+        "min_free": (parse_size, 'a size such as "500MB"'),
     },
     "worker": {
         "processes": (_positive_int, "a whole number of processes (0: one per core)"),
+        "max_attempts": (_positive_int, "a whole number of attempts, at least 1"),
     },
     "csv": {"ascii_only": (_bool, "true or false")},
 }
@@ -223,6 +269,14 @@ def _checked(config: Config, where: str) -> Config:
         name = getattr(config.buckets, f.name)
         if not re.fullmatch(r"[a-z0-9][a-z0-9.-]{1,61}[a-z0-9]", name):
             raise ConfigError(f"{where}: [buckets] {f.name} = {name!r} is not a valid bucket name (3-63 of a-z, 0-9, '.', '-')")
+    smtp = config.smtp
+    if (smtp.tls_cert is None) != (smtp.tls_key is None):
+        raise ConfigError(f"{where}: [smtp] tls_cert and tls_key go together; set both (PEM files) or neither")
+    if smtp.require_tls and smtp.tls_cert is None:
+        raise ConfigError(f"{where}: [smtp] require_tls = true needs tls_cert and tls_key")
+    if smtp.max_sessions < 1 or config.worker.max_attempts < 1:
+        key = "[smtp] max_sessions" if smtp.max_sessions < 1 else "[worker] max_attempts"
+        raise ConfigError(f"{where}: {key} must be at least 1")
     if len(set(vars(config.buckets).values())) != 3:
         raise ConfigError(f"{where}: [buckets] inbox, amr_data and unprocessable must be three different buckets")
     return config

@@ -13,6 +13,7 @@ writes the same keys.
 
 from __future__ import annotations
 
+import asyncio
 import json
 import os
 import secrets
@@ -51,9 +52,19 @@ class EntryState:
     reason: str = ""  # why it failed for good (failed/ only)
 
 
+@dataclass
+class Arrival:
+    """A message to spool: its bytes, its feed prefixes, and the other envelope fields (sender, recipients, …)."""
+
+    raw: bytes
+    prefixes: list[str]
+    fields: dict
+
+
 class Spool:
-    def __init__(self, path: Path):
+    def __init__(self, path: Path, min_free: int = 0):
         self.path = Path(path)
+        self.min_free = min_free
         self.tmp, self.queue, self.failed, self.state = (self.path / d for d in ("tmp", "queue", "failed", "state"))
         for folder in (self.tmp, self.queue, self.failed, self.state):
             folder.mkdir(parents=True, exist_ok=True)
@@ -67,24 +78,63 @@ class Spool:
 
     # --- writing -------------------------------------------------------------
 
-    def accept(self, raw: bytes, prefixes: list[str], *, sender: str = "", recipients: tuple[str, ...] = (),
-               client: str = "", helo: str = "", origin: str = "smtp", received: datetime | None = None) -> Envelope:
-        """Write a message durably into the queue and return its envelope; raise TemporaryFailure if it cannot."""
-        received = (received or datetime.now(timezone.utc)).replace(microsecond=0)
+    def accept(self, raw: bytes, prefixes: list[str], **fields) -> Envelope:
+        """Write one message durably into the queue and return its envelope; raise TemporaryFailure if it cannot."""
+        result = self.accept_many([Arrival(raw, prefixes, fields)])[0]
+        if isinstance(result, TemporaryFailure):
+            raise result
+        return result
+
+    def accept_many(self, arrivals: list[Arrival]) -> list[Envelope | TemporaryFailure]:
+        """Write several messages with one directory fsync (group commit); each gets its envelope or its failure.
+
+        Every file is written and fsync'd in tmp/, then all are renamed into
+        queue/ and queue/ is fsync'd once: an entry is never visible half-written.
+        """
+        free = self.free_bytes()
+        results: list[Envelope | TemporaryFailure] = []
+        written: list[Envelope] = []
+        for arrival in arrivals:
+            if free - len(arrival.raw) < self.min_free:
+                results.append(TemporaryFailure(
+                    f"the spool {self.path} has {free:,} bytes free, under [spool] min_free ({self.min_free:,})"))
+                continue
+            envelope = self._envelope_for(arrival)
+            tmp = self.tmp / (envelope.id + SUFFIX)
+            try:
+                write_synced(tmp, json.dumps(asdict(envelope), separators=(",", ":")).encode(), b"\n", arrival.raw)
+            except OSError as exc:
+                tmp.unlink(missing_ok=True)
+                results.append(TemporaryFailure(f"cannot write to the spool {self.path}: {exc.strerror or exc}"))
+                continue
+            free -= len(arrival.raw)
+            results.append(envelope)
+            written.append(envelope)
+        try:
+            for envelope in written:
+                os.rename(self.tmp / (envelope.id + SUFFIX), self.queue / (envelope.id + SUFFIX))
+            if written:
+                fsync_dir(self.queue)
+        except OSError as exc:
+            failure = TemporaryFailure(f"cannot write to the spool {self.path}: {exc.strerror or exc}")
+            for envelope in written:  # never acknowledged: take them all back
+                for folder in (self.tmp, self.queue):
+                    (folder / (envelope.id + SUFFIX)).unlink(missing_ok=True)
+            return [failure if isinstance(r, Envelope) else r for r in results]
+        return results
+
+    def free_bytes(self) -> int:
+        stat = os.statvfs(self.path)
+        return stat.f_bavail * stat.f_frsize
+
+    def _envelope_for(self, arrival: Arrival) -> Envelope:
+        fields_ = dict(arrival.fields)
+        received = (fields_.pop("received", None) or datetime.now(timezone.utc)).replace(microsecond=0)
         entry_id = f"{received:%Y%m%d-%H%M%S}-{secrets.token_hex(4)}"
         with self._lock:
-            folders = {prefix: self._allocate(prefix, received) for prefix in dict.fromkeys(prefixes)}
-        envelope = Envelope(entry_id, received.isoformat(), folders, sender, tuple(recipients), client, helo, origin)
-        header = json.dumps(asdict(envelope), separators=(",", ":")).encode() + b"\n"
-        tmp = self.tmp / (entry_id + SUFFIX)
-        try:
-            write_synced(tmp, header, raw)
-            os.rename(tmp, self.queue / (entry_id + SUFFIX))
-            fsync_dir(self.queue)
-        except OSError as exc:
-            tmp.unlink(missing_ok=True)
-            raise TemporaryFailure(f"cannot write to the spool {self.path}: {exc.strerror or exc}") from exc
-        return envelope
+            folders = {prefix: self._allocate(prefix, received) for prefix in dict.fromkeys(arrival.prefixes)}
+        fields_["recipients"] = tuple(fields_.get("recipients", ()))
+        return Envelope(entry_id, received.isoformat(), folders, **fields_)
 
     def _allocate(self, prefix: str, received: datetime) -> str:
         """The key folder for a prefix: `-2`, `-3`, … for a second message in the same second."""
@@ -169,6 +219,40 @@ class Spool:
         tmp = self.tmp / f"{entry_id}.json"
         tmp.write_text(json.dumps(asdict(state)))
         os.replace(tmp, self.state / f"{entry_id}.json")
+
+
+class GroupCommit:
+    """Spools the messages of concurrent sessions together, so that they share one directory fsync.
+
+    The first message starts a flush; those that arrive while it runs wait
+    for the next one. An idle server adds no delay; a busy one writes in batches.
+    """
+
+    def __init__(self, spool: Spool):
+        self.spool = spool
+        self._waiting: list[tuple[Arrival, asyncio.Future]] = []
+        self._flusher: asyncio.Task | None = None
+
+    async def accept(self, raw: bytes, prefixes: list[str], **fields) -> Envelope:
+        future = asyncio.get_running_loop().create_future()
+        self._waiting.append((Arrival(raw, prefixes, fields), future))
+        if self._flusher is None or self._flusher.done():
+            self._flusher = asyncio.create_task(self._flush())
+        result = await future
+        if isinstance(result, BaseException):
+            raise result
+        return result
+
+    async def _flush(self) -> None:
+        while self._waiting:
+            batch, self._waiting = self._waiting, []
+            try:
+                results = await asyncio.to_thread(self.spool.accept_many, [arrival for arrival, _ in batch])
+            except Exception as exc:  # a bug, not a disk error (those come back as TemporaryFailure)
+                results = [exc] * len(batch)
+            for (_, future), result in zip(batch, results):
+                if not future.done():
+                    future.set_result(result)
 
 
 def _envelope(header: bytes) -> Envelope:

@@ -10,8 +10,11 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import multiprocessing
+import os
 import time
-from concurrent.futures import Executor
+from concurrent.futures import ProcessPoolExecutor
+from concurrent.futures.process import BrokenProcessPool
 from dataclasses import dataclass, replace
 
 from esmail import mail
@@ -25,6 +28,7 @@ from esmail.store import Store
 log = logging.getLogger(__name__)
 
 NO_PREFIX = "unknown"
+MAX_BACKOFF = 600.0  # seconds: a storage outage is retried at least every 10 minutes
 
 
 def convert(raw: bytes, ascii_only: bool = False) -> list[Output]:
@@ -46,19 +50,30 @@ class Stored:
 
 
 class Worker:
-    def __init__(self, config: Config, spool: Spool, store: Store, executor: Executor | None = None):
+    """Processes spool entries; with `processes=True` the conversions run in a pool of its own."""
+
+    def __init__(self, config: Config, spool: Spool, store: Store, processes: bool = False):
         self.config = config
         self.spool = spool
         self.store = store
-        self.executor = executor
+        self.executor: ProcessPoolExecutor | None = process_pool(config) if processes else None
+
+    def close(self) -> None:
+        if self.executor is not None:
+            self.executor.shutdown(wait=True, cancel_futures=True)
 
     async def process(self, entry_id: str) -> list[Stored]:
         """Store everything one spool entry yields, then remove it; TemporaryFailure leaves it queued."""
         started = time.monotonic()
         envelope, raw = self.spool.load(entry_id)
-        loop = asyncio.get_running_loop()
+        executor = self.executor
         try:
-            outputs = await loop.run_in_executor(self.executor, convert, raw, self.config.csv.ascii_only)
+            outputs = await asyncio.get_running_loop().run_in_executor(executor, convert, raw, self.config.csv.ascii_only)
+        except BrokenProcessPool:  # a conversion process died (the kernel's OOM killer, a signal): not this message's fault alone
+            if self.executor is executor:
+                self.executor = process_pool(self.config)
+                executor.shutdown(wait=False)
+            raise TemporaryFailure("a conversion process died (out of memory, or killed); the pool was restarted") from None
         except Exception as exc:  # the message itself broke the parser: keep it whole, in failed/ too
             return await self._give_up(envelope, raw, f"cannot process the message: {type(exc).__name__}: {exc}")
         stored = []
@@ -76,13 +91,35 @@ class Worker:
         log.info("%s: %d objects stored for %s in %.2fs", entry_id, len(stored), ",".join(envelope.folders) or NO_PREFIX, time.monotonic() - started)
         return stored
 
+    async def attempt(self, entry_id: str) -> float | None:
+        """One try at an entry: None when it is finished (stored, or in failed/), else the seconds to wait before the next."""
+        try:
+            await self.process(entry_id)
+            return None
+        except FileNotFoundError:  # finished meanwhile by another process (`esmail ingest`), or moved by `spool retry`
+            return None
+        except Exception as exc:  # TemporaryFailure (storage, spool), or a bug: both get the same bounded retries
+            if not isinstance(exc, TemporaryFailure):
+                log.exception("%s: unexpected error", entry_id)
+            state = self.spool.record_attempt(entry_id, f"{type(exc).__name__}: {exc}" if not isinstance(exc, TemporaryFailure) else str(exc))
+            if state.attempts >= self.config.worker.max_attempts:
+                envelope, raw = self.spool.load(entry_id)
+                await self._give_up(envelope, raw, f"gave up after {state.attempts} attempts; the last error: {state.last_error}")
+                return None
+            delay = backoff(state.attempts)
+            log.warning("%s: attempt %d of %d failed (%s); next in %.0fs", entry_id, state.attempts, self.config.worker.max_attempts, exc, delay)
+            return delay
+
     async def _give_up(self, envelope: Envelope, raw: bytes, reason: str) -> list[Stored]:
-        """A permanent failure: the raw message to inbox and unprocessable, the entry to failed/."""
+        """A permanent failure: the raw message to inbox and unprocessable (when storage lets us), the entry to failed/."""
         log.error("%s: %s", envelope.id, reason)
         stored = []
-        for folder in self._message_folders(envelope):
-            for bucket in (INBOX, UNPROCESSABLE):
-                stored.append(await self._put(bucket, f"{folder}/{envelope.id}.eml", raw, "message/rfc822"))
+        try:
+            for folder in self._message_folders(envelope):
+                for bucket in (INBOX, UNPROCESSABLE):
+                    stored.append(await self._put(bucket, f"{folder}/{envelope.id}.eml", raw, "message/rfc822"))
+        except TemporaryFailure as exc:
+            log.error("%s: cannot store the raw message either (%s); it is kept in %s", envelope.id, exc, self.spool.failed)
         self.spool.fail(envelope.id, reason)
         return stored
 
@@ -97,9 +134,8 @@ class Worker:
         written = await self.store.put(bucket, key, data, content_type)
         return Stored(bucket, written, len(data))
 
-    async def process_with_retries(self, entry_id: str, attempts: int, first_delay: float = 1.0, max_delay: float = 600.0) -> list[Stored]:
+    async def process_with_retries(self, entry_id: str, attempts: int, first_delay: float = 1.0) -> list[Stored]:
         """`process`, retried with exponential backoff on temporary failures; the last failure is raised."""
-        delay = first_delay
         for attempt in range(1, attempts + 1):
             try:
                 return await self.process(entry_id)
@@ -108,7 +144,94 @@ class Worker:
                 log.warning("%s: attempt %d failed: %s", entry_id, state.attempts, exc)
                 if attempt == attempts:
                     raise
-                await asyncio.sleep(delay)
-                delay = min(delay * 2, max_delay)
+                await asyncio.sleep(backoff(attempt, first_delay))
         raise AssertionError("unreachable")
 
+
+def backoff(attempts: int, first: float = 1.0) -> float:
+    """Seconds before the next try: 1, 2, 4, … capped at 10 minutes."""
+    return min(first * 2 ** (attempts - 1), MAX_BACKOFF)
+
+
+class Scheduler:
+    """Feeds spool entries to the worker: in arrival order, a few at a time, each retried after its backoff.
+
+    New entries come from `submit` (the SMTP receiver, right after spooling)
+    and from a scan of the spool at start and every `rescan` seconds, which
+    also finds entries that `esmail spool retry` moved back.
+    """
+
+    def __init__(self, worker: Worker, concurrency: int, rescan: float = 60.0):
+        self.worker = worker
+        self.concurrency = concurrency
+        self.rescan = rescan
+        self._ready: asyncio.Queue[str] = asyncio.Queue()
+        self._known: set[str] = set()  # queued, in progress or waiting to retry
+        self._running: set[asyncio.Task] = set()
+        self._retries: dict[str, asyncio.TimerHandle] = {}
+
+    def submit(self, entry_id: str) -> None:
+        if entry_id not in self._known:
+            self._known.add(entry_id)
+            self._ready.put_nowait(entry_id)
+
+    @property
+    def depth(self) -> int:
+        return len(self._known)
+
+    async def run(self) -> None:
+        """Process entries until cancelled."""
+        scanner = asyncio.create_task(self._scan())
+        slots = asyncio.Semaphore(self.concurrency)
+        try:
+            while True:
+                entry_id = await self._ready.get()
+                await slots.acquire()
+                task = asyncio.create_task(self._one(entry_id, slots))
+                self._running.add(task)
+                task.add_done_callback(self._running.discard)
+        finally:
+            scanner.cancel()
+            for handle in self._retries.values():
+                handle.cancel()
+
+    async def _scan(self) -> None:
+        while True:
+            for entry_id in self.worker.spool.pending():
+                self.submit(entry_id)
+            await asyncio.sleep(self.rescan)
+
+    async def _one(self, entry_id: str, slots: asyncio.Semaphore) -> None:
+        try:
+            delay = await self.worker.attempt(entry_id)
+        except Exception:  # the spool itself failed us (a full or broken disk): keep the entry, look again later
+            log.exception("%s: cannot record the outcome in the spool", entry_id)
+            delay = MAX_BACKOFF
+        finally:
+            slots.release()
+        if delay is None:
+            self._known.discard(entry_id)
+        else:
+            self._retries[entry_id] = asyncio.get_running_loop().call_later(delay, self._retry, entry_id)
+
+    def _retry(self, entry_id: str) -> None:
+        del self._retries[entry_id]
+        self._ready.put_nowait(entry_id)
+
+    async def finish(self, timeout: float) -> bool:
+        """Wait (at most `timeout` s) for the entries in progress; True if they all finished."""
+        if not self._running:
+            return True
+        _, pending = await asyncio.wait(set(self._running), timeout=timeout)
+        for task in pending:
+            task.cancel()
+        return not pending
+
+
+def process_pool_size(config: Config) -> int:
+    return config.worker.processes or os.cpu_count() or 1
+
+
+def process_pool(config: Config) -> ProcessPoolExecutor:
+    """The pool that runs conversions off the event loop (spawned: no inherited locks or sockets)."""
+    return ProcessPoolExecutor(max_workers=process_pool_size(config), mp_context=multiprocessing.get_context("spawn"))

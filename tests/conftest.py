@@ -2,13 +2,18 @@
 
 from __future__ import annotations
 
+import asyncio
+import smtplib
+import threading
+import time
+from dataclasses import replace
 from pathlib import Path
 
 import boto3
 import pytest
 from moto.server import ThreadedMotoServer
 
-from esmail.config import Buckets, Config, SpoolConfig, StorageConfig
+from esmail.config import Address, Buckets, Config, SpoolConfig, StorageConfig, WorkerConfig
 from esmail.store import open_store
 
 SEED = Path(__file__).resolve().parents[2] / "shared" / "seed-samples"  # ../shared beside the checkout
@@ -41,13 +46,14 @@ def config(request, tmp_path) -> Config:
     """A config for each backend, with buckets of its own (fresh names per test on S3)."""
     n = next(_counter)
     buckets = Buckets(inbox=f"t{n}-inbox", amr_data=f"t{n}-amr-data", unprocessable=f"t{n}-unprocessable")
-    spool = SpoolConfig(path=tmp_path / "spool")
+    spool = SpoolConfig(path=tmp_path / "spool", min_free=0)
+    worker = WorkerConfig(processes=1)
     if request.param == "local":
-        return Config(storage=StorageConfig(path=tmp_path / "data"), buckets=buckets, spool=spool)
+        return Config(storage=StorageConfig(path=tmp_path / "data"), buckets=buckets, spool=spool, worker=worker)
     url = request.getfixturevalue("moto_url")
     make_buckets(url, buckets)
     storage = StorageConfig(backend="s3", endpoint_url=url, region=REGION)
-    return Config(storage=storage, buckets=buckets, spool=spool, secrets=dict(FAKE_AWS))
+    return Config(storage=storage, buckets=buckets, spool=spool, worker=worker, secrets=dict(FAKE_AWS))
 
 
 @pytest.fixture
@@ -74,3 +80,66 @@ def config_toml(config: Config) -> str:
     lines += ["[buckets]"] + [f'{k} = "{v}"' for k, v in vars(config.buckets).items()]
     lines += ["[spool]", f'path = "{config.spool.path}"']
     return "\n".join(lines) + "\n"
+
+
+class RunningDaemon:
+    """`esmail serve` in a thread with its own event loop, on a free port; the test talks to it over real sockets."""
+
+    def __init__(self, config: Config, **smtp):
+        from esmail.daemon import Daemon
+
+        config = replace(config, smtp=replace(config.smtp, listen=Address("127.0.0.1", 0), **smtp))
+        self.config = config
+        self.daemon = Daemon(config)
+        self.spool = self.daemon.spool
+        self._ready = threading.Event()
+        self._error: BaseException | None = None
+        self._thread = threading.Thread(target=self._run, daemon=True)
+
+    def _run(self) -> None:
+        async def main():
+            self.loop = asyncio.get_running_loop()
+            self.exit_code = await self.daemon.run(self._ready.set)
+
+        try:
+            asyncio.run(main())
+        except BaseException as exc:  # noqa: BLE001 - handed to the test thread
+            self._error = exc
+            self._ready.set()
+
+    def __enter__(self) -> "RunningDaemon":
+        self._thread.start()
+        assert self._ready.wait(20), "the daemon did not start"
+        if self._error:
+            raise self._error
+        return self
+
+    @property
+    def port(self) -> int:
+        return self.daemon.smtp.port
+
+    def smtp(self, timeout: float = 30) -> smtplib.SMTP:
+        return smtplib.SMTP("127.0.0.1", self.port, timeout=timeout)
+
+    def stop(self) -> None:
+        if self._thread.is_alive():
+            self.loop.call_soon_threadsafe(self.daemon.stop)
+            self._thread.join(60)
+        assert not self._thread.is_alive(), "the daemon did not stop"
+
+    def __exit__(self, *exc) -> None:
+        self.stop()
+        if self._error and not exc[0]:
+            raise self._error
+
+
+async def eventually(check, timeout: float = 30.0, interval: float = 0.05):
+    """Poll an (async or plain) check until it returns something truthy; its last result otherwise."""
+    deadline = time.monotonic() + timeout
+    while True:
+        result = check()
+        if asyncio.iscoroutine(result):
+            result = await result
+        if result or time.monotonic() > deadline:
+            return result
+        await asyncio.sleep(interval)

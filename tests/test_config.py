@@ -35,6 +35,14 @@ def test_stage_names_buckets_and_env_file_gives_secrets(tmp_path):
     assert "tok" not in cfg.describe() and "from-env" not in cfg.describe()
 
 
+@pytest.mark.parametrize("text, host, port", [("127.0.0.1:2525", "127.0.0.1", 2525), ("[::1]:25", "::1", 25), (":25", "0.0.0.0", 25)])
+def test_listen_addresses(tmp_path, text, host, port):
+    path = tmp_path / "c.toml"
+    path.write_text(f'[smtp]\nlisten = "{text}"\n')
+    listen = config_module.load(path, environ={}).smtp.listen
+    assert (listen.host, listen.port) == (host, port)
+
+
 def test_example_config_is_valid_and_documents_every_key():
     from pathlib import Path
 
@@ -53,6 +61,14 @@ def test_example_config_is_valid_and_documents_every_key():
     ('[buckets]\ninbox = "same"\namr_data = "same"\n', "three different buckets"),
     ("[worker]\nprocesses = -1\n", "[worker] processes must be a whole number"),
     ("smtp = 1\n", "'smtp' must be a table"),
+    ('[smtp]\nlisten = "localhost"\n', "[smtp] listen must be an address and port"),
+    ('[smtp]\nlisten = "127.0.0.1:70000"\n', "[smtp] listen must be an address and port"),
+    ('[smtp]\ntls_cert = "/etc/cert.pem"\n', "[smtp] tls_cert and tls_key go together"),
+    ("[smtp]\nrequire_tls = true\n", "require_tls = true needs tls_cert and tls_key"),
+    ("[smtp]\ncommand_timeout = 0\n", "[smtp] command_timeout must be a number of seconds"),
+    ("[smtp]\nmax_sessions = 0\n", "[smtp] max_sessions must be at least 1"),
+    ('[spool]\nmin_free = "lots"\n', "[spool] min_free must be a size"),
+    ("[worker]\nmax_attempts = 0\n", "[worker] max_attempts must be at least 1"),
 ])
 def test_errors_name_the_key(tmp_path, text, message):
     path = tmp_path / "c.toml"

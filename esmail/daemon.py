@@ -1,0 +1,65 @@
+"""`esmail serve`: the SMTP receiver and the worker in one process, started and stopped in the safe order.
+
+Start: the spool is scanned (what a crash left is processed again), then the
+port opens. Stop (SIGTERM, SIGINT: see cli): the port closes, sessions finish their
+message or are told 421, entries in progress get a moment to finish; any
+entry not finished stays in the spool for the next start.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from collections.abc import Callable
+
+from esmail.config import Config
+from esmail.smtp import Receiver, SmtpServer
+from esmail.spool import GroupCommit, Spool
+from esmail.store import open_store
+from esmail.worker import Scheduler, Worker, process_pool_size
+
+log = logging.getLogger(__name__)
+
+WORKER_GRACE = 10.0  # seconds entries in progress may take to finish at shutdown
+
+
+class Daemon:
+    def __init__(self, config: Config):
+        self.config = config
+        self.spool = Spool(config.spool.path, config.spool.min_free)
+        self.store = open_store(config)
+        self.worker = Worker(config, self.spool, self.store, processes=True)
+        self.scheduler = Scheduler(self.worker, concurrency=process_pool_size(config))
+        receiver = Receiver(config.smtp, GroupCommit(self.spool), self.scheduler.submit)
+        self.smtp = SmtpServer(config.smtp, receiver)
+        self._stopping = asyncio.Event()
+
+    async def run(self, on_ready: Callable[[], None] | None = None) -> int:
+        """Serve until `stop()`; 0 on a clean stop. `on_ready` is called once the port listens."""
+        scheduler = asyncio.create_task(self.scheduler.run())
+        try:
+            await self.smtp.start()
+            self._announce()
+            if on_ready:
+                on_ready()
+            await self._stopping.wait()
+            log.info("shutting down: no new connections; sessions finish their message")
+            await self.smtp.stop()
+        finally:
+            scheduler.cancel()
+            if not await self.scheduler.finish(WORKER_GRACE):
+                log.warning("entries still in progress stay in the spool for the next start")
+            await asyncio.to_thread(self.worker.close)
+            await self.store.close()
+        log.info("stopped; %d entries wait in the spool", len(self.spool.pending()))
+        return 0
+
+    def stop(self) -> None:
+        """Begin a clean shutdown (the signal handler; thread-safe callers use loop.call_soon_threadsafe)."""
+        self._stopping.set()
+
+    def _announce(self) -> None:
+        smtp = self.config.smtp
+        if not smtp.domains:
+            log.warning("[smtp] domains is empty: mail for any domain is accepted (fine on localhost, an open door on the internet)")
+        log.info("listening on %s (port %d), spool %s, %d entries waiting", smtp.listen, self.smtp.port, self.spool.path, len(self.spool.pending()))

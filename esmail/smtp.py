@@ -1,0 +1,263 @@
+"""The SMTP receiver: check the envelope, spool the message, and only then answer 250.
+
+Nothing here converts or stores; the worker takes each message from the
+spool. Replies follow DESIGN §7. aiosmtpd does the protocol; esmail adds what
+an MX host on the internet needs and aiosmtpd leaves out: DATA read in bulk
+(aiosmtpd reads it a line at a time, ~20 MB/s), a size limit enforced while
+reading, a cap on concurrent sessions, a total session time limit, and 451
+rather than 500 when something inside goes wrong.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import re
+import socket
+import ssl
+from typing import Callable
+
+from aiosmtpd.smtp import SMTP, Envelope as SmtpEnvelope, Session as SmtpSession
+
+from esmail.config import SmtpConfig
+from esmail.errors import ConfigError, TemporaryFailure
+from esmail.keys import domain_of, prefix_of
+from esmail.spool import GroupCommit
+
+log = logging.getLogger(__name__)
+
+MAX_RECIPIENTS = 100  # DESIGN §7: 452 4.5.3 past this, the sender sends those later
+READ_BUFFER = 256 * 1024  # bytes a session may buffer; aiosmtpd's 1,001 would make bulk reads crawl
+SHUTDOWN_GRACE = 30.0  # seconds a transaction in progress may take to finish at shutdown
+_SIZE_PARAM = re.compile(r"(?:^|\s)SIZE=(\d+)", re.IGNORECASE)
+
+INTERNAL_ERROR = "451 4.3.0 Internal error; please try again later"
+
+
+class Receiver:
+    """aiosmtpd handler: the checks of DESIGN §7 at MAIL and RCPT, and the spool at DATA."""
+
+    def __init__(self, config: SmtpConfig, committer: GroupCommit, on_spooled: Callable[[str], None]):
+        self.config = config
+        self.committer = committer
+        self.on_spooled = on_spooled
+
+    async def handle_EHLO(self, server: SMTP, session: SmtpSession, envelope: SmtpEnvelope, hostname: str, responses: list[str]) -> list[str]:
+        # esmail checks the size itself, so aiosmtpd is given no limit and SIZE is advertised here; no AUTH
+        session.host_name = hostname
+        kept = [line for line in responses[:-1] if not line.startswith("250-AUTH")]
+        return [*kept, f"250-SIZE {self.config.max_message_size}", responses[-1]]
+
+    async def handle_MAIL(self, server: SMTP, session: SmtpSession, envelope: SmtpEnvelope, address: str, options: list[str]) -> str:
+        declared = _SIZE_PARAM.search(" ".join(options))
+        if declared and int(declared.group(1)) > self.config.max_message_size:
+            return f"552 5.3.4 Message too big: the limit is {self.config.max_message_size} bytes"
+        spool = self.committer.spool
+        if spool.free_bytes() < spool.min_free:
+            log.error("refusing mail: the spool %s is short of space ([spool] min_free)", spool.path)
+            return "452 4.3.1 Insufficient system storage; please try again later"
+        envelope.mail_from = address
+        envelope.mail_options.extend(options)
+        return "250 2.1.0 Ok"
+
+    async def handle_RCPT(self, server: SMTP, session: SmtpSession, envelope: SmtpEnvelope, address: str, options: list[str]) -> str:
+        if len(envelope.rcpt_tos) >= MAX_RECIPIENTS:
+            return f"452 4.5.3 Too many recipients: at most {MAX_RECIPIENTS} per message"
+        if self.config.domains and domain_of(address) not in self.config.domains:
+            return f"550 5.1.1 <{address}>: Recipient address rejected: not a data feed domain here"
+        if prefix_of(address) is None:
+            return f"550 5.1.3 <{address}>: Bad recipient address syntax: use a-z 0-9 . _ + - in the local part"
+        envelope.rcpt_tos.append(address)
+        envelope.rcpt_options.extend(options)
+        return "250 2.1.5 Ok"
+
+    async def handle_DATA(self, server: SMTP, session: SmtpSession, envelope: SmtpEnvelope) -> str:
+        raw = envelope.original_content
+        prefixes = [prefix_of(address) for address in envelope.rcpt_tos]
+        client = session.peer[0] if isinstance(session.peer, tuple) else str(session.peer or "")
+        try:
+            spooled = await self.committer.accept(
+                raw, prefixes, sender=envelope.mail_from or "", recipients=tuple(envelope.rcpt_tos),
+                client=client, helo=session.host_name or "", origin="smtp")
+        except TemporaryFailure as exc:
+            log.error("refusing a message from %s (451): %s", client, exc)
+            return "451 4.3.0 Cannot queue the message now; please try again later"
+        log.info("%s: queued %d bytes from %s <%s> for %s", spooled.id, len(raw), client, envelope.mail_from, ",".join(spooled.folders))
+        try:
+            self.on_spooled(spooled.id)
+        except Exception:  # the message is safe in the spool (the worker's scan finds it): the answer is 250 whatever happens here
+            log.exception("%s: cannot hand the message to the worker now", spooled.id)
+        return f"250 2.0.0 Ok: queued as {spooled.id}"
+
+    async def handle_exception(self, error: Exception) -> str:
+        log.error("SMTP session error: %s: %s", type(error).__name__, error, exc_info=error)
+        return INTERNAL_ERROR
+
+
+class Connection(SMTP):
+    """One SMTP session: aiosmtpd's protocol, with DATA read in bulk and a limit on the session's length."""
+
+    line_length_limit = READ_BUFFER  # also the StreamReader's buffer size; command lines keep their own limits
+
+    def __init__(self, handler: Receiver, server: SmtpServer, **kwargs):
+        super().__init__(handler, **kwargs)
+        self.server = server
+        self.max_message_size = handler.config.max_message_size
+        self._deadline: asyncio.TimerHandle | None = None
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        super().connection_made(transport)
+        if self._deadline is None:  # called again after STARTTLS
+            self._deadline = self.loop.call_later(self.server.config.session_timeout, self.close_with,
+                                                  "421 4.4.2 Session time limit reached; closing")
+
+    def connection_lost(self, error: Exception | None) -> None:
+        if self._deadline is not None:
+            self._deadline.cancel()
+        self.server.sessions.discard(self)
+        super().connection_lost(error)
+
+    @property
+    def in_transaction(self) -> bool:
+        return self.envelope is not None and self.envelope.mail_from is not None
+
+    def close_with(self, reply: str) -> None:
+        """Say why (a 421) and hang up."""
+        if self.transport is not None and not self.transport.is_closing():
+            log.info("%r: %s", self.session.peer if self.session else None, reply)
+            self.transport.write(reply.encode() + b"\r\n")
+            self.transport.close()
+
+    async def smtp_DATA(self, arg: str) -> None:
+        if await self.check_helo_needed() or await self.check_auth_needed("DATA"):
+            return
+        if not self.envelope.rcpt_tos:
+            await self.push("503 5.5.1 Error: need RCPT command")
+            return
+        if arg:
+            await self.push("501 5.5.4 Syntax: DATA")
+            return
+        await self.push("354 End data with <CR><LF>.<CR><LF>")
+        try:
+            content = await read_data(self._reader, self.max_message_size, self._reset_timeout)
+        except asyncio.IncompleteReadError:  # the client went away mid-message: nothing was accepted
+            self._set_post_data_state()
+            if self.transport is not None:
+                self.transport.close()
+            return
+        if content is None:
+            self._set_post_data_state()
+            await self.push(f"552 5.3.4 Message too big: the limit is {self.max_message_size} bytes")
+            return
+        self.envelope.content = self.envelope.original_content = content
+        try:
+            status = await self._call_handler_hook("DATA")
+        finally:
+            self._set_post_data_state()
+        await self.push(status)
+
+
+async def read_data(reader: asyncio.StreamReader, limit: int, on_progress: Callable[[], None]) -> bytes | None:
+    """The message after DATA, up to `<CRLF>.<CRLF>`, dot-unstuffed (RFC 5321 §4.5.2).
+
+    Read in large pieces rather than line by line. As in aiosmtpd, only
+    CRLF.CRLF ends the message (a bare LF or CR before the dot does not: SMTP
+    smuggling). Past `limit` bytes the rest is read and dropped, never held,
+    and None is returned.
+    """
+    chunks: list[bytes] = []
+    size = -2  # the message's size as stored, without stuffed dots; -2: the final ".\r\n" counts 3 bytes and 1 dot
+    tail = b"\r\n"  # the last two bytes read: the DATA line itself ended with CRLF
+    while True:
+        try:
+            chunk = await reader.readuntil(b".\r\n")
+        except asyncio.LimitOverrunError as exc:  # no dot-CRLF in a buffer's worth: take what cannot hold one
+            chunk = await reader.readexactly(exc.consumed)
+        on_progress()
+        joined = tail + chunk
+        finished = joined.endswith(b"\r\n.\r\n")
+        size += len(chunk) - joined.count(b"\r\n.")  # every line that starts with a dot carries one stuffed dot
+        if size <= limit:
+            chunks.append(chunk)
+        elif chunks:
+            chunks.clear()
+        tail = joined[-2:]
+        if finished:
+            break
+    if size > limit:
+        return None
+    data = b"".join(chunks)[:-3]  # the final ".\r\n"; the CRLF before it ends the last line
+    if data.startswith(b".") or b"\r\n." in data:
+        data = (b"\r\n" + data).replace(b"\r\n.", b"\r\n")[2:]
+    return data
+
+
+class _Busy(asyncio.Protocol):
+    """What a client gets when max_sessions are already open."""
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        transport.write(b"421 4.7.0 Too many connections; please try again later\r\n")
+        transport.close()
+
+
+class SmtpServer:
+    """The listening socket and its sessions."""
+
+    def __init__(self, config: SmtpConfig, receiver: Receiver):
+        self.config = config
+        self.receiver = receiver
+        self.sessions: set[Connection] = set()
+        self.tls_context = tls_context(config)
+        self.hostname = config.hostname
+        self._server: asyncio.Server | None = None
+
+    async def start(self) -> None:
+        loop = asyncio.get_running_loop()
+        if not self.hostname:  # once: aiosmtpd would look it up (blocking) for every connection
+            self.hostname = await loop.run_in_executor(None, socket.getfqdn)
+        host, port = self.config.listen
+        self._server = await loop.create_server(self._connection, host, port, reuse_address=True)
+
+    @property
+    def port(self) -> int:
+        return self._server.sockets[0].getsockname()[1]
+
+    def _connection(self) -> asyncio.Protocol:
+        if len(self.sessions) >= self.config.max_sessions:
+            return _Busy()
+        connection = Connection(
+            self.receiver, self, data_size_limit=None, enable_SMTPUTF8=True, hostname=self.hostname,
+            ident="esmail", tls_context=self.tls_context, auth_exclude_mechanism=["LOGIN", "PLAIN"], require_starttls=self.config.require_tls,
+            timeout=self.config.command_timeout, loop=asyncio.get_running_loop())
+        self.sessions.add(connection)
+        return connection
+
+    async def stop(self, grace: float = SHUTDOWN_GRACE) -> None:
+        """Stop listening; close idle sessions now and busy ones once their message is through (at most `grace` s)."""
+        if self._server is None:
+            return
+        self._server.close()
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + grace
+        while self.sessions and loop.time() < deadline:
+            for connection in list(self.sessions):
+                if not connection.in_transaction:
+                    connection.close_with("421 4.3.2 Service shutting down; please try again later")
+                    self.sessions.discard(connection)
+            await asyncio.sleep(0.05)
+        for connection in list(self.sessions):
+            connection.close_with("421 4.3.2 Service shutting down; please try again later")
+        await self._server.wait_closed()
+
+
+def tls_context(config: SmtpConfig) -> ssl.SSLContext | None:
+    """The STARTTLS context from [smtp] tls_cert and tls_key, or None."""
+    if config.tls_cert is None:
+        return None
+    context = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+    try:
+        context.load_cert_chain(config.tls_cert, config.tls_key)
+    except (OSError, ssl.SSLError) as exc:
+        raise ConfigError(f"[smtp] tls_cert = {str(config.tls_cert)!r}, tls_key = {str(config.tls_key)!r}: "
+                          f"cannot load the certificate and key ({exc}); give PEM files esmail can read") from None
+    return context

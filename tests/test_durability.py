@@ -1,0 +1,225 @@
+"""Nothing answered 250 is ever lost: kill -9 mid-stream, a storage outage, a clean SIGTERM, a dead conversion process."""
+
+import os
+import signal
+import smtplib
+import socket
+import subprocess
+import sys
+import threading
+import time
+import pytest
+from conftest import FAKE_AWS, REGION, RunningDaemon, bucket_contents, config_toml, eventually, make_buckets
+from moto.server import ThreadedMotoServer
+from test_smtp import feed
+
+from esmail.config import Buckets, Config, SpoolConfig, StorageConfig, WorkerConfig
+from esmail.spool import Spool
+from esmail.store import open_store
+from esmail.worker import Worker
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+class Server:
+    """`esmail serve` as its own process, as systemd would run it."""
+
+    def __init__(self, config: Config, tmp_path):
+        self.port = free_port()
+        self.toml = tmp_path / "esmail.toml"
+        self.toml.write_text(config_toml(config) + f'min_free = 0\n[smtp]\nlisten = "127.0.0.1:{self.port}"\n[worker]\nprocesses = 1\n')
+        self.log = tmp_path / "serve.log"
+        self.process = None
+
+    def start(self) -> None:
+        with open(self.log, "ab") as log:
+            self.process = subprocess.Popen([sys.executable, "-m", "esmail", "--config", str(self.toml), "serve"],
+                                            stdout=log, stderr=log, env={**os.environ, **FAKE_AWS})
+        deadline = time.monotonic() + 30
+        while time.monotonic() < deadline:
+            assert self.process.poll() is None, self.log.read_text()
+            try:
+                socket.create_connection(("127.0.0.1", self.port), timeout=1).close()
+                return
+            except OSError:
+                time.sleep(0.05)
+        raise AssertionError("esmail serve did not start: " + self.log.read_text())
+
+    def kill(self) -> None:
+        self.process.kill()
+        self.process.wait(10)
+
+    def terminate(self) -> int:
+        self.process.send_signal(signal.SIGTERM)
+        return self.process.wait(60)
+
+
+def send_until_stopped(port: int, prefix: str, accepted: list, stop: threading.Event) -> None:
+    """Send one message after another (each with its own CSV) and note every one answered 250."""
+    n = 0
+    while not stop.is_set():
+        try:
+            with smtplib.SMTP("127.0.0.1", port, timeout=10) as client:
+                while not stop.is_set():
+                    n += 1
+                    csv = f"MPAN,seq\r\n{prefix},{n}\r\n".encode()
+                    client.sendmail("a@b", [f"{prefix}@x"], feed(f"{prefix}@x", csv, f"m{n}.csv"))
+                    accepted.append((prefix, n))
+        except (OSError, smtplib.SMTPException):
+            time.sleep(0.05)  # the server is down (killed): try again until told to stop
+
+
+async def test_kill_9_mid_stream_loses_nothing_and_duplicates_nothing(config, store, tmp_path):
+    """Four senders; esmail is killed with SIGKILL mid-stream and restarted: every 250 lands exactly once."""
+    server = Server(config, tmp_path)
+    server.start()
+    accepted: list = []
+    stop = threading.Event()
+    senders = [threading.Thread(target=send_until_stopped, args=(server.port, f"feed{t}", accepted, stop)) for t in range(4)]
+    for sender in senders:
+        sender.start()
+    assert await eventually(lambda: len(accepted) >= 40, timeout=60)
+    server.kill()
+    killed_at = len(accepted)
+    server.start()
+    assert await eventually(lambda: len(accepted) >= killed_at + 20, timeout=60)
+    stop.set()
+    for sender in senders:
+        sender.join(30)
+    spool = Spool(config.spool.path)
+    assert await eventually(lambda: not spool.pending(), timeout=60), server.log.read_text()[-3000:]
+    assert server.terminate() == 0
+
+    amr = await bucket_contents(store, config.buckets.amr_data)
+    stored = {}
+    for key, data in amr.items():
+        prefix, _folder, name = key.split("/")
+        stored.setdefault((prefix, data), []).append(name)
+    for prefix, n in accepted:
+        expected = f"MPAN,seq\n{prefix},{n}\n".encode()
+        assert stored.get((prefix, expected)) == [f"m{n}.csv"], (prefix, n, stored.get((prefix, expected)))
+    assert all(len(names) == 1 for names in stored.values()), "a message was stored twice"
+    inbox = await bucket_contents(store, config.buckets.inbox)
+    assert len(inbox) == len(stored) and len({key.rsplit("/", 1)[1] for key in inbox}) == len(inbox)
+
+
+def test_sigterm_stops_cleanly_and_keeps_unfinished_entries(tmp_path):
+    """SIGTERM exits 0; with storage unreachable, the accepted message stays in the spool for the next start."""
+    port = free_port()  # nothing listens here: every store write fails
+    config = Config(storage=StorageConfig(backend="s3", endpoint_url=f"http://127.0.0.1:{port}", region=REGION),
+                    spool=SpoolConfig(path=tmp_path / "spool"))
+    server = Server(config, tmp_path)
+    server.start()
+    with smtplib.SMTP("127.0.0.1", server.port, timeout=10) as client:
+        client.sendmail("a@b", ["sheffield@x"], feed())
+    time.sleep(0.5)
+    assert server.terminate() == 0
+    assert len(Spool(tmp_path / "spool").pending()) == 1
+    assert "stopped; 1 entries wait in the spool" in server.log.read_text()
+
+
+@pytest.fixture
+def outage_s3(tmp_path):
+    """A moto server of the test's own, so that the test can stop and restart it."""
+    port = free_port()
+    moto = ThreadedMotoServer(ip_address="127.0.0.1", port=port, verbose=False)
+    moto.start()
+    buckets = Buckets(inbox="outage-inbox", amr_data="outage-amr-data", unprocessable="outage-unprocessable")
+    url = f"http://127.0.0.1:{port}"
+    make_buckets(url, buckets)
+    config = Config(storage=StorageConfig(backend="s3", endpoint_url=url, region=REGION), buckets=buckets,
+                    spool=SpoolConfig(path=tmp_path / "spool", min_free=0), worker=WorkerConfig(processes=1),
+                    secrets=dict(FAKE_AWS))
+    state = {"moto": moto}
+    yield config, state, port
+    state["moto"].stop()
+
+
+async def test_storage_outage_mail_is_still_accepted_and_lands_after(outage_s3):
+    """S3 goes away: mail is still accepted and held in the spool with its error; S3 comes back: all of it lands."""
+    config, state, port = outage_s3
+    state["moto"].stop()
+    with RunningDaemon(config) as server:
+        with server.smtp() as client:
+            for n in range(5):
+                client.sendmail("a@b", [f"feed{n}@x"], feed(f"feed{n}@x", f"n,{n}\r\n".encode()))
+        spool = server.spool
+        assert len(spool.pending()) == 5
+        assert await eventually(lambda: all(spool.read_state(i).attempts >= 1 for i in spool.pending()), timeout=60)
+        assert "Could not connect" in spool.read_state(spool.pending()[0]).last_error
+        state["moto"] = ThreadedMotoServer(ip_address="127.0.0.1", port=port, verbose=False)
+        state["moto"].start()  # moto keeps its buckets in the test process: they are still there
+        assert await eventually(lambda: not spool.pending(), timeout=90)
+    store = open_store(config)
+    try:
+        amr = await bucket_contents(store, config.buckets.amr_data)
+    finally:
+        await store.close()
+    assert sorted(amr.values()) == [f"n,{n}\n".encode() for n in range(5)]
+
+
+async def test_after_max_attempts_the_entry_goes_to_failed(tmp_path):
+    """Storage that never comes back: after [worker] max_attempts the entry is kept in failed/ with the reason."""
+    config = Config(storage=StorageConfig(backend="s3", endpoint_url=f"http://127.0.0.1:{free_port()}", region=REGION),
+                    buckets=Buckets(inbox="gone-inbox", amr_data="gone-amr-data", unprocessable="gone-unprocessable"),
+                    spool=SpoolConfig(path=tmp_path / "spool", min_free=0), worker=WorkerConfig(processes=1, max_attempts=2),
+                    secrets=dict(FAKE_AWS))
+    with RunningDaemon(config) as server:
+        with server.smtp() as client:
+            client.sendmail("a@b", ["sheffield@x"], feed())
+        assert await eventually(lambda: server.spool.failed_ids(), timeout=90)
+        [entry_id] = server.spool.failed_ids()
+        assert server.spool.pending() == []
+        reason = server.spool.read_state(entry_id).reason
+        assert reason.startswith("gave up after 2 attempts") and "Could not connect" in reason
+
+
+@pytest.mark.parametrize("config", ["local"], indirect=True)
+async def test_a_dead_conversion_process_is_a_temporary_failure(config, store):
+    """A conversion process killed (as by the OOM killer) breaks the pool: the entry is retried, not given up."""
+    spool = Spool(config.spool.path)
+    envelope = spool.accept(feed(), ["sheffield"])
+    worker = Worker(config, spool, store, processes=True)
+    try:
+        worker.executor.submit(int).result()  # start the process, then kill it behind the pool's back
+        for pid in list(worker.executor._processes):
+            os.kill(pid, signal.SIGKILL)
+        time.sleep(0.5)
+        delay = await worker.attempt(envelope.id)
+        assert delay == 1.0 and spool.pending() == [envelope.id]
+        assert "conversion process died" in spool.read_state(envelope.id).last_error
+        assert await worker.attempt(envelope.id) is None  # the new pool converts it
+    finally:
+        worker.close()
+    assert list((await bucket_contents(store, config.buckets.amr_data)).values()) == [b"MPAN,00:30\n2200013680374,1.5\n"]
+
+
+def test_spool_list_and_retry(tmp_path):
+    """`esmail spool list` shows failed entries with their reason; `spool retry ID` puts one back in the queue."""
+    spool = Spool(tmp_path / "spool")
+    kept = spool.accept(b"To: a@x\r\n\r\nwaiting\r\n", ["waiting"], recipients=("waiting@x",))
+    broken = spool.accept(b"To: b@x\r\n\r\nbroken\r\n", ["broken"], recipients=("broken@x",))
+    spool.record_attempt(kept.id, "s3://bucket/key: Could not connect")
+    spool.fail(broken.id, "gave up after 3 attempts")
+    toml = tmp_path / "c.toml"
+    toml.write_text(f'[spool]\npath = "{tmp_path / "spool"}"\n')
+
+    def esmail(*args):
+        return subprocess.run([sys.executable, "-m", "esmail", "--config", str(toml), "spool", *args],
+                              capture_output=True, text=True, timeout=60)
+
+    listed = esmail("list")
+    assert listed.returncode == 0, listed.stderr
+    rows = {line.split()[0]: line for line in listed.stdout.splitlines()[1:]}
+    assert "pending" in rows[kept.id] and "waiting@x" in rows[kept.id] and "Could not connect" in rows[kept.id]
+    assert "failed" in rows[broken.id] and "gave up after 3 attempts" in rows[broken.id]
+    unknown = esmail("retry", "no-such-id")
+    assert unknown.returncode == 1 and "no-such-id" in unknown.stderr
+    retried = esmail("retry", broken.id)
+    assert retried.returncode == 0 and "1 entry moved back" in retried.stdout
+    assert sorted(spool.pending()) == sorted([kept.id, broken.id]) and spool.failed_ids() == []
+
