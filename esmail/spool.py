@@ -22,7 +22,7 @@ from dataclasses import asdict, dataclass
 from datetime import datetime, timezone
 from pathlib import Path
 
-from esmail.durable import fsync_dir, write_synced
+from esmail.durable import fsync_dir, sync_files, write_unsynced
 from esmail.errors import TemporaryFailure
 from esmail.keys import folder_name
 
@@ -52,15 +52,6 @@ class EntryState:
     reason: str = ""  # why it failed for good (failed/ only)
 
 
-@dataclass
-class Arrival:
-    """A message to spool: its bytes, its feed prefixes, and the other envelope fields (sender, recipients, …)."""
-
-    raw: bytes
-    prefixes: list[str]
-    fields: dict
-
-
 class Spool:
     def __init__(self, path: Path, min_free: int = 0):
         self.path = Path(path)
@@ -80,61 +71,68 @@ class Spool:
 
     def accept(self, raw: bytes, prefixes: list[str], **fields) -> Envelope:
         """Write one message durably into the queue and return its envelope; raise TemporaryFailure if it cannot."""
-        result = self.accept_many([Arrival(raw, prefixes, fields)])[0]
-        if isinstance(result, TemporaryFailure):
-            raise result
-        return result
+        envelope = self.write(raw, prefixes, **fields)
+        self.publish([envelope])
+        return envelope
 
-    def accept_many(self, arrivals: list[Arrival]) -> list[Envelope | TemporaryFailure]:
-        """Write several messages with one directory fsync (group commit); each gets its envelope or its failure.
-
-        Every file is written and fsync'd in tmp/, then all are renamed into
-        queue/ and queue/ is fsync'd once: an entry is never visible half-written.
-        """
+    def write(self, raw: bytes, prefixes: list[str], **fields) -> Envelope:
+        """Write a message to tmp/: not yet durable, not yet in the queue (see `publish`)."""
         free = self.free_bytes()
-        results: list[Envelope | TemporaryFailure] = []
-        written: list[Envelope] = []
-        for arrival in arrivals:
-            if free - len(arrival.raw) < self.min_free:
-                results.append(TemporaryFailure(
-                    f"the spool {self.path} has {free:,} bytes free, under [spool] min_free ({self.min_free:,})"))
-                continue
-            envelope = self._envelope_for(arrival)
-            tmp = self.tmp / (envelope.id + SUFFIX)
-            try:
-                write_synced(tmp, json.dumps(asdict(envelope), separators=(",", ":")).encode(), b"\n", arrival.raw)
-            except OSError as exc:
-                tmp.unlink(missing_ok=True)
-                results.append(TemporaryFailure(f"cannot write to the spool {self.path}: {exc.strerror or exc}"))
-                continue
-            free -= len(arrival.raw)
-            results.append(envelope)
-            written.append(envelope)
+        if free - len(raw) < self.min_free:
+            raise TemporaryFailure(f"the spool {self.path} has {free:,} bytes free, under [spool] min_free ({self.min_free:,})")
+        envelope = self._envelope_for(fields.pop("received", None), prefixes, fields)
+        tmp = self.tmp / (envelope.id + SUFFIX)
         try:
-            for envelope in written:
-                os.rename(self.tmp / (envelope.id + SUFFIX), self.queue / (envelope.id + SUFFIX))
-            if written:
-                fsync_dir(self.queue)
+            write_unsynced(tmp, json.dumps(vars(envelope), separators=(",", ":")).encode(), b"\n", raw)
         except OSError as exc:
-            failure = TemporaryFailure(f"cannot write to the spool {self.path}: {exc.strerror or exc}")
-            for envelope in written:  # never acknowledged: take them all back
-                for folder in (self.tmp, self.queue):
-                    (folder / (envelope.id + SUFFIX)).unlink(missing_ok=True)
-            return [failure if isinstance(r, Envelope) else r for r in results]
-        return results
+            tmp.unlink(missing_ok=True)
+            raise self.failure(exc) from exc
+        return envelope
+
+    def publish(self, envelopes: list[Envelope]) -> None:
+        """Make written messages durable and queue them: one flush for all, renames, one fsync of queue/.
+
+        An entry is never in queue/ half-written. On failure none of them is
+        queued (none was acknowledged) and TemporaryFailure is raised.
+        """
+        try:
+            self.sync_written(envelopes)
+            self.enqueue(envelopes)
+            self.sync_queue()
+        except OSError as exc:
+            self.discard(envelopes)
+            raise self.failure(exc) from exc
+
+    def sync_written(self, envelopes: list[Envelope]) -> None:
+        """Flush the written files to disk, all at once."""
+        sync_files(self.tmp, [self.tmp / (envelope.id + SUFFIX) for envelope in envelopes])
+
+    def enqueue(self, envelopes: list[Envelope]) -> None:
+        for envelope in envelopes:
+            os.rename(self.tmp / (envelope.id + SUFFIX), self.queue / (envelope.id + SUFFIX))
+
+    def sync_queue(self) -> None:
+        fsync_dir(self.queue)
+
+    def discard(self, envelopes: list[Envelope]) -> None:
+        """Remove messages that were written but never acknowledged."""
+        for envelope in envelopes:
+            for folder in (self.tmp, self.queue):
+                (folder / (envelope.id + SUFFIX)).unlink(missing_ok=True)
+
+    def failure(self, exc: OSError) -> TemporaryFailure:
+        return TemporaryFailure(f"cannot write to the spool {self.path}: {exc.strerror or exc}")
 
     def free_bytes(self) -> int:
         stat = os.statvfs(self.path)
         return stat.f_bavail * stat.f_frsize
 
-    def _envelope_for(self, arrival: Arrival) -> Envelope:
-        fields_ = dict(arrival.fields)
-        received = (fields_.pop("received", None) or datetime.now(timezone.utc)).replace(microsecond=0)
+    def _envelope_for(self, received: datetime | None, prefixes: list[str], fields: dict) -> Envelope:
+        received = (received or datetime.now(timezone.utc)).replace(microsecond=0)
         entry_id = f"{received:%Y%m%d-%H%M%S}-{secrets.token_hex(4)}"
         with self._lock:
-            folders = {prefix: self._allocate(prefix, received) for prefix in dict.fromkeys(arrival.prefixes)}
-        fields_["recipients"] = tuple(fields_.get("recipients", ()))
-        return Envelope(entry_id, received.isoformat(), folders, **fields_)
+            folders = {prefix: self._allocate(prefix, received) for prefix in dict.fromkeys(prefixes)}
+        return Envelope(entry_id, received.isoformat(), folders, **{**fields, "recipients": tuple(fields.get("recipients", ()))})
 
     def _allocate(self, prefix: str, received: datetime) -> str:
         """The key folder for a prefix: `-2`, `-3`, … for a second message in the same second."""
@@ -222,37 +220,46 @@ class Spool:
 
 
 class GroupCommit:
-    """Spools the messages of concurrent sessions together, so that they share one directory fsync.
+    """Spools the messages of concurrent sessions together, so that they share one flush to disk.
 
-    The first message starts a flush; those that arrive while it runs wait
-    for the next one. An idle server adds no delay; a busy one writes in batches.
+    Each message is written on the event loop (a page-cache copy: quick, and
+    no thread hand-off per message); the flush runs in a thread, for every
+    message written meanwhile. An idle server adds no delay; a busy one flushes in batches.
     """
 
     def __init__(self, spool: Spool):
         self.spool = spool
-        self._waiting: list[tuple[Arrival, asyncio.Future]] = []
+        self._waiting: list[tuple[Envelope, asyncio.Future]] = []
         self._flusher: asyncio.Task | None = None
 
     async def accept(self, raw: bytes, prefixes: list[str], **fields) -> Envelope:
+        envelope = self.spool.write(raw, prefixes, **fields)
         future = asyncio.get_running_loop().create_future()
-        self._waiting.append((Arrival(raw, prefixes, fields), future))
+        self._waiting.append((envelope, future))
         if self._flusher is None or self._flusher.done():
             self._flusher = asyncio.create_task(self._flush())
-        result = await future
-        if isinstance(result, BaseException):
-            raise result
-        return result
+        await future
+        return envelope
 
     async def _flush(self) -> None:
         while self._waiting:
             batch, self._waiting = self._waiting, []
-            try:
-                results = await asyncio.to_thread(self.spool.accept_many, [arrival for arrival, _ in batch])
-            except Exception as exc:  # a bug, not a disk error (those come back as TemporaryFailure)
-                results = [exc] * len(batch)
-            for (_, future), result in zip(batch, results):
-                if not future.done():
-                    future.set_result(result)
+            envelopes = [envelope for envelope, _ in batch]
+            failure = None
+            try:  # the flushes wait for the disk, in a thread; the renames are quick, on the loop
+                await asyncio.to_thread(self.spool.sync_written, envelopes)
+                self.spool.enqueue(envelopes)
+                await asyncio.to_thread(self.spool.sync_queue)
+            except Exception as exc:  # a disk error, or a bug: either way these messages are not ours
+                self.spool.discard(envelopes)
+                failure = self.spool.failure(exc) if isinstance(exc, OSError) else exc
+            for _, future in batch:
+                if future.done():
+                    continue
+                if failure:
+                    future.set_exception(failure)
+                else:
+                    future.set_result(None)
 
 
 def _envelope(header: bytes) -> Envelope:
