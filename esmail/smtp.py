@@ -174,14 +174,14 @@ async def read_data(reader: asyncio.StreamReader, limit: int, on_progress: Calla
         except asyncio.LimitOverrunError as exc:  # no dot-CRLF in a buffer's worth: take what cannot hold one
             chunk = await reader.readexactly(exc.consumed)
         on_progress()
-        joined = tail + chunk
-        finished = joined.endswith(b"\r\n.\r\n")
-        size += len(chunk) - joined.count(b"\r\n.")  # every line that starts with a dot carries one stuffed dot
+        edge = tail + chunk[:2]  # a dot-stuffed line start or the end marker may straddle two reads
+        size += len(chunk) - chunk.count(b"\r\n.") - edge.count(b"\r\n.")  # every line that starts with a dot carries one stuffed dot
         if size <= limit:
             chunks.append(chunk)
         elif chunks:
             chunks.clear()
-        tail = joined[-2:]
+        finished = (tail + chunk[-5:]).endswith(b"\r\n.\r\n")
+        tail = (tail + chunk)[-2:] if len(chunk) < 2 else chunk[-2:]
         if finished:
             break
     if size > limit:

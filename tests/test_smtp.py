@@ -259,3 +259,29 @@ async def test_an_internal_error_answers_451_never_500():
     receiver = Receiver(SmtpConfig(), committer=None, on_spooled=print)
     reply = await receiver.handle_exception(RuntimeError("boom"))
     assert reply.startswith("451 4.3.0")
+
+
+@pytest.mark.parametrize("seed", range(20))
+async def test_read_data_agrees_with_line_by_line_unstuffing(seed):
+    """Bulk DATA reading gives what aiosmtpd's line loop gives, however the bytes are split, with exact sizes."""
+    import asyncio
+    import random
+
+    from esmail.smtp import read_data
+
+    rng = random.Random(seed)
+    lines = [rng.choice([b"", b".", b"..", b".x", b"a.", b"text", b"\r", b"\n.", b"x" * rng.randint(0, 3000)]) for _ in range(rng.randint(0, 60))]
+    message = b"".join(line + b"\r\n" for line in lines)
+    stuffed = b"".join((b"." + line if line.startswith(b".") else line) + b"\r\n" for line in lines) + b".\r\nNEXT COMMAND\r\n"
+    reader = asyncio.StreamReader(limit=rng.choice([16, 64, 1024]))
+    position = 0
+    while position < len(stuffed):
+        step = rng.randint(1, 200)
+        reader.feed_data(stuffed[position:position + step])
+        position += step
+    assert await read_data(reader, len(message), lambda: None) == message
+    assert await reader.readline() == b"NEXT COMMAND\r\n"  # nothing past the end marker was consumed
+    again = asyncio.StreamReader(limit=64)
+    again.feed_data(stuffed)
+    assert await read_data(again, len(message) - 1, lambda: None) is None  # one byte over: refused, read to the end
+    assert await again.readline() == b"NEXT COMMAND\r\n"
