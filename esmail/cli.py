@@ -235,7 +235,8 @@ def _send(config: Config, args) -> int:
                 client.starttls(context=context)
                 client.ehlo()
             raw = msg.as_bytes()
-            steps = (("MAIL FROM", lambda: client.mail(args.sender, [f"SIZE={len(raw)}"])),
+            size = [f"SIZE={len(raw)}"] if client.has_extn("size") else []
+            steps = (("MAIL FROM", lambda: client.mail(args.sender, size)),
                      ("RCPT TO", lambda: client.rcpt(args.to)),
                      ("DATA", lambda: client.data(raw)))
             for step, send_step in steps:

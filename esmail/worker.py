@@ -175,10 +175,6 @@ class Scheduler:
             self._known.add(entry_id)
             self._ready.put_nowait(entry_id)
 
-    @property
-    def depth(self) -> int:
-        return len(self._known)
-
     async def run(self) -> None:
         """Process entries until cancelled."""
         scanner = asyncio.create_task(self._scan())

@@ -285,3 +285,24 @@ async def test_read_data_agrees_with_line_by_line_unstuffing(seed):
     again.feed_data(stuffed)
     assert await read_data(again, len(message) - 1, lambda: None) is None  # one byte over: refused, read to the end
     assert await again.readline() == b"NEXT COMMAND\r\n"
+
+
+@pytest.mark.parametrize("config", ["local"], indirect=True)
+async def test_esmail_send_delivers_files_and_reports_refusals(config, store, tmp_path):
+    """`esmail send` mails files as attachments and prints the queue id; a refused recipient exits 1 with the reply."""
+    import subprocess
+    import sys
+
+    (tmp_path / "export.csv").write_bytes(CSV)
+    with RunningDaemon(with_domains(config)) as server:
+        def send(to):
+            return subprocess.run([sys.executable, "-m", "esmail", "send", "--server", f"127.0.0.1:{server.port}", "--to", to,
+                                   str(tmp_path / "export.csv")], capture_output=True, text=True, timeout=60)
+
+        sent = send(f"sheffield@{DOMAIN}")
+        assert sent.returncode == 0 and "250 2.0.0 Ok: queued as " in sent.stdout, sent.stderr
+        refused = send("someone@elsewhere.example")
+        assert refused.returncode == 1 and "RCPT TO refused: 550 5.1.1" in refused.stderr
+        assert await eventually(lambda: not server.spool.pending())
+    amr = await bucket_contents(store, config.buckets.amr_data)
+    assert [key.split("/", 2)[::2] for key in amr] == [["sheffield", "export.csv"]] and list(amr.values()) == [b"MPAN,00:30\n2200013680374,1.5\n"]
