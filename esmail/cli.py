@@ -251,8 +251,17 @@ def _send(config: Config, args) -> int:
     return 0
 
 
+def _existing_spool(config: Config, command: str) -> Spool | None:
+    if not config.spool.path.is_dir():
+        print(f"esmail spool {command}: there is no spool at {config.spool.path} ([spool] path)", file=sys.stderr)
+        return None
+    return Spool(config.spool.path)
+
+
 def _spool_list(config: Config, args) -> int:
-    spool = Spool(config.spool.path)
+    spool = _existing_spool(config, "list")
+    if spool is None:
+        return 1
     now = datetime.now(timezone.utc)
     rows = [("ID", "STATE", "AGE", "RECIPIENTS", "ATTEMPTS", "LAST ERROR")]
     for state, ids, folder in (("pending", spool.pending(), spool.queue), ("failed", spool.failed_ids(), spool.failed)):
@@ -280,7 +289,9 @@ def _age(delta) -> str:
 
 
 def _spool_retry(config: Config, args) -> int:
-    spool = Spool(config.spool.path)
+    spool = _existing_spool(config, "retry")
+    if spool is None:
+        return 1
     missing = [entry_id for entry_id in args.ids if entry_id not in set(spool.failed_ids())]
     if missing:
         print(f"esmail spool retry: not in {spool.failed}: {', '.join(missing)} (see `esmail spool list`)", file=sys.stderr)
