@@ -36,6 +36,9 @@ class Daemon:
 
     async def run(self, on_ready: Callable[[], None] | None = None) -> int:
         """Serve until `stop()`; 0 on a clean stop. `on_ready` is called once the port listens."""
+        stale = self.spool.remove_stale()
+        if stale:
+            log.warning("removed %d unacknowledged partial messages a crash left in %s", stale, self.spool.tmp)
         scheduler = asyncio.create_task(self.scheduler.run())
         try:
             await self.smtp.start()

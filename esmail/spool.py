@@ -18,6 +18,7 @@ import json
 import os
 import secrets
 import threading
+import time
 from dataclasses import asdict, dataclass
 from datetime import datetime, timezone
 from pathlib import Path
@@ -122,6 +123,23 @@ class Spool:
 
     def failure(self, exc: OSError) -> TemporaryFailure:
         return TemporaryFailure(f"cannot write to the spool {self.path}: {exc.strerror or exc}")
+
+    def remove_stale(self, older_than: float = 3600.0) -> int:
+        """Delete what a crash left in tmp/ (never acknowledged, so the sender still has it); return how many.
+
+        Only files older than `older_than` seconds: another process (`esmail ingest`)
+        may be writing the young ones right now.
+        """
+        removed = 0
+        cutoff = time.time() - older_than
+        for path in self.tmp.iterdir():
+            try:
+                if path.stat().st_mtime < cutoff:
+                    path.unlink()
+                    removed += 1
+            except FileNotFoundError:
+                continue
+        return removed
 
     def free_bytes(self) -> int:
         stat = os.statvfs(self.path)

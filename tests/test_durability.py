@@ -198,6 +198,16 @@ async def test_a_dead_conversion_process_is_a_temporary_failure(config, store):
     assert list((await bucket_contents(store, config.buckets.amr_data)).values()) == [b"MPAN,00:30\n2200013680374,1.5\n"]
 
 
+def test_start_removes_what_a_crash_left_half_written(tmp_path):
+    """Files in tmp/ were never acknowledged: an old one is removed at start, a young one (being written) is not."""
+    spool = Spool(tmp_path / "spool")
+    old, young = spool.tmp / "old.msg", spool.tmp / "young.msg"
+    old.write_bytes(b"half a mess")
+    young.write_bytes(b"being writ")
+    os.utime(old, (time.time() - 7200, time.time() - 7200))
+    assert spool.remove_stale() == 1 and not old.exists() and young.exists() and spool.pending() == []
+
+
 def test_spool_list_and_retry(tmp_path):
     """`esmail spool list` shows failed entries with their reason; `spool retry ID` puts one back in the queue."""
     spool = Spool(tmp_path / "spool")
