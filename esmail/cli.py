@@ -5,8 +5,8 @@ from __future__ import annotations
 import argparse
 import asyncio
 import logging
-import signal
 import mimetypes
+import signal
 import smtplib
 import ssl
 import sys
@@ -17,11 +17,11 @@ from pathlib import Path
 
 from esmail import __version__, chain, config as config_module, mail
 from esmail.config import Config
+from esmail.daemon import Daemon
 from esmail.errors import ConfigError, TemporaryFailure
 from esmail.keys import prefix_of
 from esmail.spool import Spool
 from esmail.store import open_store
-from esmail.daemon import Daemon
 from esmail.worker import Worker
 
 log = logging.getLogger("esmail")
@@ -204,13 +204,11 @@ async def _check_config(config: Config, args) -> int:
 
 
 def _send(config: Config, args) -> int:
-    host, port = config.smtp.listen
-    if args.server:
-        host, _, port_text = args.server.rpartition(":")
-        if not port_text.isdigit():
-            print(f"esmail send: --server {args.server!r} must be HOST:PORT, e.g. mx.example.org:25", file=sys.stderr)
-            return 2
-        host, port = host.strip("[]"), int(port_text)
+    try:
+        host, port = config_module.parse_address(args.server) if args.server else config.smtp.listen
+    except ValueError:
+        print(f"esmail send: --server {args.server!r} must be HOST:PORT, e.g. mx.example.org:25", file=sys.stderr)
+        return 2
     msg = EmailMessage()
     msg["From"], msg["To"] = args.sender, args.to
     msg["Subject"] = "esmail send: " + ", ".join(Path(name).name for name in args.files)

@@ -165,12 +165,18 @@ def _seconds(v: Any) -> float:
     return float(v)
 
 
-def _listen(v: Any) -> Address:
-    """`"127.0.0.1:2525"`, `"[::1]:25"` or `":25"` (every address) → (host, port)."""
-    host, sep, port = _str(v).rpartition(":")
+def parse_address(text: str) -> Address:
+    """`"127.0.0.1:2525"`, `"[::1]:25"` or `":25"` (every address) → Address; ValueError otherwise."""
+    host, sep, port = _str(text).rpartition(":")
     if not sep or not port.isdigit() or not 0 < int(port) < 65536:
-        raise ValueError
+        raise ValueError(f'an address and port such as "127.0.0.1:2525" or "[::1]:25", not {text!r}')
     return Address(host.strip("[]") or "0.0.0.0", int(port))
+
+
+def _at_least_one(v: Any) -> int:
+    if _positive_int(v) < 1:
+        raise ValueError
+    return v
 
 
 def _domains(v: Any) -> tuple[str, ...]:
@@ -181,7 +187,7 @@ def _domains(v: Any) -> tuple[str, ...]:
 
 _SCHEMA: dict[str, dict[str, tuple[Any, str]]] = {
     "smtp": {
-        "listen": (_listen, 'an address and port such as "127.0.0.1:2525", "[::1]:25" or ":25" (every address)'),
+        "listen": (parse_address, 'an address and port such as "127.0.0.1:2525", "[::1]:25" or ":25" (every address)'),
         "hostname": (_str, 'the host name for the greeting, e.g. "mx.datafeeds.example.org"'),
         "domains": (_domains, 'a list of domain names, e.g. ["datafeeds.example.org"]'),
         "max_message_size": (parse_size, 'a size such as "40MB"'),
@@ -190,7 +196,7 @@ _SCHEMA: dict[str, dict[str, tuple[Any, str]]] = {
         "require_tls": (_bool, "true or false"),
         "command_timeout": (_seconds, "a number of seconds greater than 0"),
         "session_timeout": (_seconds, "a number of seconds greater than 0"),
-        "max_sessions": (_positive_int, "a whole number of concurrent connections"),
+        "max_sessions": (_at_least_one, "at least 1 (a whole number of concurrent connections)"),
     },
     "storage": {
         "backend": (_str, '"local" or "s3"'),
@@ -205,7 +211,7 @@ _SCHEMA: dict[str, dict[str, tuple[Any, str]]] = {
     },
     "worker": {
         "processes": (_positive_int, "a whole number of processes (0: one per core)"),
-        "max_attempts": (_positive_int, "a whole number of attempts, at least 1"),
+        "max_attempts": (_at_least_one, "at least 1 (a whole number of attempts)"),
     },
     "csv": {"ascii_only": (_bool, "true or false")},
 }
@@ -274,9 +280,6 @@ def _checked(config: Config, where: str) -> Config:
         raise ConfigError(f"{where}: [smtp] tls_cert and tls_key go together; set both (PEM files) or neither")
     if smtp.require_tls and smtp.tls_cert is None:
         raise ConfigError(f"{where}: [smtp] require_tls = true needs tls_cert and tls_key")
-    if smtp.max_sessions < 1 or config.worker.max_attempts < 1:
-        key = "[smtp] max_sessions" if smtp.max_sessions < 1 else "[worker] max_attempts"
-        raise ConfigError(f"{where}: {key} must be at least 1")
     if len(set(vars(config.buckets).values())) != 3:
         raise ConfigError(f"{where}: [buckets] inbox, amr_data and unprocessable must be three different buckets")
     return config
