@@ -290,7 +290,8 @@ def _spool_retry(config: Config, args) -> int:
     spool = _existing_spool(config, "retry")
     if spool is None:
         return 1
-    missing = [entry_id for entry_id in args.ids if entry_id not in set(spool.failed_ids())]
+    failed = set(spool.failed_ids())
+    missing = [entry_id for entry_id in args.ids if entry_id not in failed]
     if missing:
         print(f"esmail spool retry: not in {spool.failed}: {', '.join(missing)} (see `esmail spool list`)", file=sys.stderr)
         return 1

@@ -32,6 +32,11 @@ SHUTDOWN_GRACE = 30.0  # seconds a transaction in progress may take to finish at
 _SIZE_PARAM = re.compile(r"(?:^|\s)SIZE=(\d+)", re.IGNORECASE)
 
 INTERNAL_ERROR = "451 4.3.0 Internal error; please try again later"
+SHUTTING_DOWN = "421 4.3.2 Service shutting down; please try again later"
+
+
+def too_big(limit: int) -> str:
+    return f"552 5.3.4 Message too big: the limit is {limit} bytes"
 
 
 class Receiver:
@@ -51,10 +56,11 @@ class Receiver:
     async def handle_MAIL(self, server: SMTP, session: SmtpSession, envelope: SmtpEnvelope, address: str, options: list[str]) -> str:
         declared = _SIZE_PARAM.search(" ".join(options))
         if declared and int(declared.group(1)) > self.config.max_message_size:
-            return f"552 5.3.4 Message too big: the limit is {self.config.max_message_size} bytes"
-        spool = self.committer.spool
-        if spool.free_bytes() < spool.min_free:
-            log.error("refusing mail: the spool %s is short of space ([spool] min_free)", spool.path)
+            return too_big(self.config.max_message_size)
+        try:
+            self.committer.spool.ensure_space()
+        except TemporaryFailure as exc:
+            log.error("refusing mail (452): %s", exc)
             return "452 4.3.1 Insufficient system storage; please try again later"
         envelope.mail_from = address
         envelope.mail_options.extend(options)
@@ -147,7 +153,7 @@ class Connection(SMTP):
             return
         if content is None:
             self._set_post_data_state()
-            await self.push(f"552 5.3.4 Message too big: the limit is {self.max_message_size} bytes")
+            await self.push(too_big(self.max_message_size))
             return
         self.envelope.content = self.envelope.original_content = content
         try:
@@ -239,14 +245,13 @@ class SmtpServer:
         self._server.close()
         loop = asyncio.get_running_loop()
         deadline = loop.time() + grace
-        while self.sessions and loop.time() < deadline:
+        while self.sessions and loop.time() < deadline:  # a closed session leaves the set in connection_lost
             for connection in list(self.sessions):
                 if not connection.in_transaction:
-                    connection.close_with("421 4.3.2 Service shutting down; please try again later")
-                    self.sessions.discard(connection)
+                    connection.close_with(SHUTTING_DOWN)
             await asyncio.sleep(0.05)
         for connection in list(self.sessions):
-            connection.close_with("421 4.3.2 Service shutting down; please try again later")
+            connection.close_with(SHUTTING_DOWN)
         await self._server.wait_closed()
 
 

@@ -78,9 +78,7 @@ class Spool:
 
     def write(self, raw: bytes, prefixes: list[str], **fields) -> Envelope:
         """Write a message to tmp/: not yet durable, not yet in the queue (see `publish`)."""
-        free = self.free_bytes()
-        if free - len(raw) < self.min_free:
-            raise TemporaryFailure(f"the spool {self.path} has {free:,} bytes free, under [spool] min_free ({self.min_free:,})")
+        self.ensure_space(len(raw))
         envelope = self._envelope_for(fields.pop("received", None), prefixes, fields)
         tmp = self.tmp / (envelope.id + SUFFIX)
         try:
@@ -141,9 +139,12 @@ class Spool:
                 continue
         return removed
 
-    def free_bytes(self) -> int:
+    def ensure_space(self, size: int = 0) -> None:
+        """Raise TemporaryFailure unless `size` more bytes still leave [spool] min_free on the spool's disk."""
         stat = os.statvfs(self.path)
-        return stat.f_bavail * stat.f_frsize
+        free = stat.f_bavail * stat.f_frsize
+        if free - size < self.min_free:
+            raise TemporaryFailure(f"the spool {self.path} has {free:,} bytes free, under [spool] min_free ({self.min_free:,})")
 
     def _envelope_for(self, received: datetime | None, prefixes: list[str], fields: dict) -> Envelope:
         received = (received or datetime.now(timezone.utc)).replace(microsecond=0)
