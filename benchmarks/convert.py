@@ -77,7 +77,7 @@ def make_corpus(n: int) -> dict[str, Path]:
 def run_esmail(path: Path) -> int:
     from esmail.spreadsheet import to_csv
 
-    return len(to_csv(path.read_bytes(), path.suffix))
+    return len(to_csv(path.read_bytes(), path.suffix[1:]))
 
 
 def run_openpyxl(path: Path) -> int:

@@ -1,5 +1,8 @@
 """The conversion chain (DESIGN §4): one named file → zero or more outputs, each for a bucket.
 
+What a file is comes from `kinds` (its bytes, then its name); containers
+(zip, TNEF) are opened and their files routed again.
+
 Pure functions over bytes, no I/O: they run in a process pool, and a file
 that cannot be converted comes back as an output for the unprocessable
 bucket carrying its original bytes and the reason.
@@ -8,18 +11,19 @@ bucket carrying its original bytes and the reason.
 from __future__ import annotations
 
 import io
-import logging
 import stat
 import zipfile
 from dataclasses import dataclass
 from posixpath import dirname, join
 
-from esmail import spreadsheet
+from tnefparse import TNEF as TNEFFile
+
+from esmail import html_table, spreadsheet
 from esmail.errors import Unprocessable
 from esmail.keys import extension, safe_path
+from esmail.kinds import HTML, SPREADSHEETS, TEXT, TNEF, ZIP, identify
 from esmail.normalise import normalise
 
-log = logging.getLogger(__name__)
 
 AMR_DATA = "amr_data"
 UNPROCESSABLE = "unprocessable"
@@ -41,6 +45,7 @@ class Output:
     name: str
     data: bytes
     reason: str | None = None  # why it is unprocessable
+    rule: str = ""  # which routing rule decided (kinds.identify), for the log
 
     @property
     def content_type(self) -> str:
@@ -48,22 +53,43 @@ class Output:
 
 
 def route(name: str, data: bytes, ascii_only: bool = False, depth: int = 1) -> list[Output]:
-    """Route one file by its extension; depth 1 is a file attached to the message."""
-    ext = extension(name)
+    """Route one file by what it is (kinds.identify); depth 1 is a file attached to the message."""
+    kind, rule = identify(name, data)
     try:
-        if ext in (".csv", ".cns"):
-            return [Output(AMR_DATA, name, normalise(data, ascii_only))]
-        if ext in (".xlsx", ".xls"):
-            return [Output(AMR_DATA, name + ".csv", normalise(spreadsheet.to_csv(data, ext), ascii_only))]
-        if ext == ".zip":
+        if kind == TEXT:
+            csv_name = name if extension(name) in (".csv", ".cns") else name + ".csv"
+            return [Output(AMR_DATA, csv_name, normalise(data, ascii_only), rule=rule)]
+        if kind in SPREADSHEETS:
+            return [Output(AMR_DATA, _csv_name(name), normalise(spreadsheet.to_csv(data, kind), ascii_only), rule=rule)]
+        if kind == HTML:
+            return [Output(AMR_DATA, _csv_name(name), normalise(html_table.to_csv(data), ascii_only), rule=rule)]
+        if kind == ZIP:
             return _unzip(name, data, ascii_only, depth)
-        raise Unprocessable(f"no conversion for {ext or 'a name without an extension'}")
+        if kind == TNEF:
+            return _untnef(name, data, ascii_only, depth)
+        raise Unprocessable(rule)
     except Unprocessable as exc:
         reason = str(exc)
     except Exception as exc:  # a library failing on bad input must not lose the file
         reason = f"conversion failed: {type(exc).__name__}: {exc}"
-    log.info("unprocessable %s: %s", name, reason)
-    return [Output(UNPROCESSABLE, name, data, reason)]
+    return [Output(UNPROCESSABLE, name, data, reason, rule)]
+
+
+def _csv_name(name: str) -> str:
+    """A spreadsheet's CSV is named `export.xlsx.csv` (DESIGN §3); a workbook named `.csv` keeps its name."""
+    return name if extension(name) == ".csv" else name + ".csv"
+
+
+def _untnef(name: str, data: bytes, ascii_only: bool, depth: int) -> list[Output]:
+    """Outlook's winmail.dat: each file inside routed again, at the message's folder like a zip's entries."""
+    if depth > MAX_ZIP_DEPTH:
+        raise Unprocessable(f"a TNEF file nested {depth} deep (the limit is {MAX_ZIP_DEPTH})")
+    wrapped = TNEFFile(data, do_checksum=False)
+    files = [att for att in wrapped.attachments if att.data]
+    if not files:
+        raise Unprocessable("a TNEF (winmail.dat) file with no attachments")
+    folder = dirname(name)
+    return [out for att in files for out in route(join(folder, safe_path(att.long_filename() or "attachment")), att.data, ascii_only, depth + 1)]
 
 
 def _unzip(name: str, data: bytes, ascii_only: bool, depth: int) -> list[Output]:

@@ -100,6 +100,32 @@ class CsvConfig:
     ascii_only: bool = False
 
 
+IMSERV_LINK = r"https://datavision\.imserv\.com/imgserver/InternalImage\.aspx\?[a-zA-Z0-9&%=]+"
+_PATTERN_ORIGIN = re.compile(r"\^?(https?)://((?:[A-Za-z0-9-]|\\?\.)+)(?::(\d+))?(?:/|\\/|$)")
+
+
+def pattern_origin(pattern: str) -> tuple[str, str, int]:
+    """(scheme, host, port) that a link pattern names literally at its start; ValueError if it does not."""
+    match = _PATTERN_ORIGIN.match(pattern)
+    if not match:
+        raise ValueError(pattern)
+    scheme, host, port = match.groups()
+    return scheme, host.replace("\\", "").lower(), int(port) if port else (443 if scheme == "https" else 80)
+
+
+@dataclass(frozen=True)
+class LinksConfig:
+    patterns: tuple[str, ...] = (IMSERV_LINK,)
+    timeout: float = 60.0  # seconds for one download, redirects included
+    max_bytes: int = 100_000_000
+    attempts: int = 3  # tries of a link that timed out or answered 5xx
+
+    @property
+    def origins(self) -> frozenset[tuple[str, str, int]]:
+        """Where links may be fetched from, redirects included: the patterns' own schemes, hosts and ports."""
+        return frozenset(map(pattern_origin, self.patterns))
+
+
 @dataclass(frozen=True)
 class Config:
     stage: str = "development"
@@ -109,13 +135,14 @@ class Config:
     spool: SpoolConfig = SpoolConfig()
     worker: WorkerConfig = WorkerConfig()
     csv: CsvConfig = CsvConfig()
+    links: LinksConfig = LinksConfig()
     secrets: Mapping[str, str] = field(default_factory=dict, repr=False)
     source: Path | None = None
 
     def describe(self) -> str:
         """The effective configuration as TOML-like text, secrets masked."""
         lines = [f"# from {self.source or 'the embedded default'}", f'stage = "{self.stage}"']
-        for section in ("smtp", "storage", "buckets", "spool", "worker", "csv"):
+        for section in _SECTIONS:
             lines.append(f"[{section}]")
             value = getattr(self, section)
             for f in fields(value):
@@ -132,11 +159,11 @@ def _show(value: Any) -> str:
     if isinstance(value, Address):
         return f'"{value}"'
     if isinstance(value, tuple):
-        return "[" + ", ".join(f'"{v}"' for v in value) + "]"
+        return "[" + ", ".join(map(_show, value)) + "]"
     if isinstance(value, bool):
         return str(value).lower()
     if isinstance(value, (str, Path)):
-        return f'"{value}"'
+        return f"'{value}'" if "\\" in str(value) else f'"{value}"'  # a literal string keeps a regex's backslashes
     return str(value)
 
 
@@ -179,6 +206,15 @@ def _at_least_one(v: Any) -> int:
     return v
 
 
+def _patterns(v: Any) -> tuple[str, ...]:
+    if not isinstance(v, list) or not all(isinstance(p, str) for p in v):
+        raise TypeError
+    for pattern in v:
+        re.compile(pattern)  # re.error is a ValueError
+        pattern_origin(pattern)
+    return tuple(v)
+
+
 def _domains(v: Any) -> tuple[str, ...]:
     if not isinstance(v, list) or not all(isinstance(d, str) and d for d in v):
         raise TypeError
@@ -214,8 +250,18 @@ _SCHEMA: dict[str, dict[str, tuple[Any, str]]] = {
         "max_attempts": (_at_least_one, "at least 1 (a whole number of attempts)"),
     },
     "csv": {"ascii_only": (_bool, "true or false")},
+    "links": {
+        "patterns": (_patterns, "a list of regular expressions, each starting with its scheme and host written out, "
+                     'e.g. ["https://datavision\\\\.imserv\\\\.com/imgserver/.+"] (an https link only, unless the pattern says http)'),
+        "timeout": (_seconds, "a number of seconds greater than 0"),
+        "max_bytes": (parse_size, 'a size such as "100MB"'),
+        "attempts": (_at_least_one, "at least 1 (a whole number of tries)"),
+    },
 }
-_SECTIONS = {"smtp": SmtpConfig, "storage": StorageConfig, "buckets": Buckets, "spool": SpoolConfig, "worker": WorkerConfig, "csv": CsvConfig}
+_SECTIONS = {
+    "smtp": SmtpConfig, "storage": StorageConfig, "buckets": Buckets, "spool": SpoolConfig,
+    "worker": WorkerConfig, "csv": CsvConfig, "links": LinksConfig,
+}
 
 
 def load(path: str | os.PathLike | None = None, environ: Mapping[str, str] | None = None) -> Config:

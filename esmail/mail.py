@@ -1,4 +1,4 @@
-"""MIME (DESIGN §2): a raw message → its feed prefixes and its attached files.
+"""MIME (DESIGN §2): a raw message → its feed prefixes, its attached files and its body text.
 
 The standard library's `email` package with policy `default` does the
 parsing; this module decides what counts as an attachment, where its name
@@ -7,6 +7,7 @@ comes from, and which header gives the prefix when there is no envelope.
 
 from __future__ import annotations
 
+import html
 import mimetypes
 from dataclasses import dataclass
 from email import policy
@@ -24,6 +25,7 @@ PREFIX_HEADERS = ("X-Forwarded-To", "X-Original-To", "Delivered-To", "To", "Cc")
 class Attachment:
     name: str  # made safe per DESIGN §3
     data: bytes
+    inline_image: bool = False  # a signature logo shown in the body (inline, image/*, Content-ID): not data
 
 
 def parse(raw: bytes) -> EmailMessage:
@@ -79,7 +81,23 @@ def _collect(part: EmailMessage, found: list[Attachment], depth: int) -> None:
     if name is None and not _is_file(part):
         return
     data = part.get_payload(decode=True) or b""
-    found.append(Attachment(safe_path(name or _default_name(part)), data))
+    found.append(Attachment(safe_path(name or _default_name(part)), data, _is_inline_image(part)))
+
+
+def _is_inline_image(part: EmailMessage) -> bool:
+    return part.get_content_disposition() == "inline" and part.get_content_maintype() == "image" and "Content-ID" in part
+
+
+def body_text(msg: EmailMessage) -> str:
+    """The message's first text part (plain, or HTML with entities unescaped), decoded; "" when there is none."""
+    for part in msg.walk():
+        if part.get_content_maintype() == "text" and part.get_content_disposition() != "attachment":
+            try:
+                text = part.get_content()
+            except Exception:  # an unknown charset or broken encoding: the raw payload is still worth a look
+                text = (part.get_payload(decode=True) or b"").decode("latin-1")
+            return html.unescape(text) if part.get_content_subtype() == "html" else text
+    return ""
 
 
 def _filename(part: EmailMessage) -> str | None:

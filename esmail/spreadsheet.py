@@ -1,4 +1,4 @@
-"""Spreadsheets (xlsx, xls) → CSV of the first sheet, cell by cell as DESIGN §5 says.
+"""Spreadsheets (xlsx, xls, xlsb, ods) → CSV of the first sheet, cell by cell as DESIGN §5 says.
 
 python-calamine reads the cells several times faster than openpyxl or xlrd,
 but it hides three things §5 needs: a cell's number format (it decides
@@ -18,6 +18,7 @@ from posixpath import join, normpath
 from python_calamine import CalamineWorkbook
 
 from esmail.errors import Unprocessable
+from esmail.kinds import XLS, XLSX
 
 MAX_CELLS = 2_000_000
 MAX_COLUMNS = 16_384
@@ -29,8 +30,8 @@ _BIG = 2.0**53
 
 
 def to_csv(data: bytes, kind: str) -> bytes:
-    """The first sheet of an `.xlsx` or `.xls` file as CSV bytes (UTF-8, `\\n` line ends)."""
-    xlsx = _Xlsx(data) if kind == ".xlsx" else None
+    """The first sheet of a workbook (`kind` xlsx, xls, xlsb or ods) as CSV bytes (UTF-8, `\\n` line ends)."""
+    xlsx = _Xlsx(data) if kind == XLSX else None
     try:
         book = CalamineWorkbook.from_filelike(io.BytesIO(data))
         if not book.sheet_names:
@@ -50,7 +51,7 @@ def to_csv(data: bytes, kind: str) -> bytes:
         except _Inexact:
             lines.append("")
             inexact.add(r)
-    for r in _fix_up(rows, inexact, xlsx, data if kind == ".xls" else None) | inexact:
+    for r in _fix_up(rows, inexact, xlsx, data if kind == XLS else None) | inexact:
         lines[r] = ",".join(map(_field, rows[r]))
     width = max(map(len, rows), default=0)
     for r, row in enumerate(rows):  # calamine's rows are all one width; this keeps §5 true if not

@@ -17,7 +17,7 @@ from concurrent.futures import ProcessPoolExecutor
 from concurrent.futures.process import BrokenProcessPool
 from dataclasses import dataclass, replace
 
-from esmail import mail
+from esmail import links, mail
 from esmail.chain import INBOX, UNPROCESSABLE, Output, route
 from esmail.config import Config
 from esmail.errors import TemporaryFailure
@@ -31,10 +31,25 @@ NO_PREFIX = "unknown"
 MAX_BACKOFF = 600.0  # seconds: a storage outage is retried at least every 10 minutes
 
 
-def convert(raw: bytes, ascii_only: bool = False) -> list[Output]:
-    """Every output of one message, named uniquely per bucket (`export-2.csv` for a repeat)."""
+@dataclass(frozen=True)
+class Converted:
+    outputs: list[Output]
+    links: list[str]  # to download: found only when the message has no attachments
+    inline_images: int  # skipped: signature logos are not data
+
+
+def convert(raw: bytes, ascii_only: bool = False, link_patterns: tuple[str, ...] = ()) -> Converted:
+    """Every output of one message's attachments, or, with none, the links in its body."""
     msg = mail.parse(raw)
-    outputs = [out for att in mail.attachments(msg) for out in route(att.name, att.data, ascii_only)]
+    found = mail.attachments(msg)
+    files = [(att.name, att.data) for att in found if not att.inline_image]
+    found_links = [] if files else links.find(mail.body_text(msg), link_patterns)
+    return Converted(route_all(files, ascii_only), found_links, len(found) - len(files))
+
+
+def route_all(files: list[tuple[str, bytes]], ascii_only: bool = False) -> list[Output]:
+    """Every output of these files, named uniquely per bucket (`export-2.csv` for a repeat)."""
+    outputs = [out for name, data in files for out in route(name, data, ascii_only)]
     names = unique_names((out.bucket, out.name) for out in outputs)
     return [replace(out, name=name) for out, (_, name) in zip(outputs, names)]
 
@@ -66,16 +81,15 @@ class Worker:
         """Store everything one spool entry yields, then remove it; TemporaryFailure leaves it queued."""
         started = time.monotonic()
         envelope, raw = self.spool.load(entry_id)
-        executor = self.executor
         try:
-            outputs = await asyncio.get_running_loop().run_in_executor(executor, convert, raw, self.config.csv.ascii_only)
-        except BrokenProcessPool:  # a conversion process died (the kernel's OOM killer, a signal): not this message's fault alone
-            if self.executor is executor:
-                self.executor = process_pool(self.config)
-                executor.shutdown(wait=False)
-            raise TemporaryFailure("a conversion process died (out of memory, or killed); the pool was restarted") from None
+            converted = await self._in_pool(convert, raw, self.config.csv.ascii_only, self.config.links.patterns)
+        except TemporaryFailure:
+            raise
         except Exception as exc:  # the message itself broke the parser: keep it whole, in failed/ too
             return await self._give_up(envelope, raw, f"cannot process the message: {type(exc).__name__}: {exc}")
+        outputs = converted.outputs
+        if converted.links and envelope.folders:
+            outputs = await self._in_pool(route_all, await self._download(envelope, converted.links), self.config.csv.ascii_only)
         stored = []
         if not envelope.folders:
             log.warning("%s: no usable recipient; the message goes whole to unprocessable", entry_id)
@@ -87,9 +101,37 @@ class Worker:
                 stored.append(await self._put(out.bucket, f"{prefix}/{folder}/{out.name}", out.data, out.content_type))
                 if out.reason:
                     log.warning("%s: %s/%s/%s is unprocessable: %s", entry_id, prefix, folder, out.name, out.reason)
+                else:
+                    log.info("%s: %s (%s)", entry_id, stored[-1], out.rule)
         self.spool.done(entry_id)
-        log.info("%s: %d objects stored for %s in %.2fs", entry_id, len(stored), ",".join(envelope.folders) or NO_PREFIX, time.monotonic() - started)
+        skipped = f" ({converted.inline_images} inline images skipped)" if converted.inline_images else ""
+        log.info("%s: %d objects stored for %s in %.2fs%s", entry_id, len(stored), ",".join(envelope.folders) or NO_PREFIX, time.monotonic() - started, skipped)
         return stored
+
+    async def _in_pool(self, function, *args):
+        """`function(*args)` in the conversion pool; a dead pool process is a temporary failure, and the pool is renewed."""
+        executor = self.executor
+        try:
+            return await asyncio.get_running_loop().run_in_executor(executor, function, *args)
+        except BrokenProcessPool:  # the kernel's OOM killer, a signal: not this message's fault alone
+            if self.executor is executor:
+                self.executor = process_pool(self.config)
+                executor.shutdown(wait=False)
+            raise TemporaryFailure("a conversion process died (out of memory, or killed); the pool was restarted") from None
+
+    async def _download(self, envelope: Envelope, urls: list[str]) -> list[tuple[str, bytes]]:
+        """The files behind a message's links; a link that fails is logged and left out (DESIGN §6)."""
+        prefixes = ",".join(envelope.folders) or NO_PREFIX
+        if len(urls) > links.MAX_LINKS:
+            log.warning("%s: %d links in the body; only the first %d are downloaded", envelope.id, len(urls), links.MAX_LINKS)
+        files = []
+        for result in await links.download_all(urls[: links.MAX_LINKS], self.config.links):
+            if isinstance(result, links.LinkFailed):
+                log.error("%s: link download failed for %s: %s", envelope.id, prefixes, result)
+            else:
+                log.info("%s: downloaded %s as %s (%d bytes)", envelope.id, result.url, result.name, len(result.data))
+                files.append((result.name, result.data))
+        return files
 
     async def attempt(self, entry_id: str) -> float | None:
         """One try at an entry: None when it is finished (stored, or in failed/), else the seconds to wait before the next."""

@@ -12,7 +12,7 @@ from sheets import xls, xlsx
 
 def one_cell(value, fmt=None, cached=None) -> bytes:
     """The CSV line of a sheet with one cell at A1."""
-    return to_csv(xlsx({"A1": value}, {"A1": fmt} if fmt else None, {"A1": cached} if cached else None), ".xlsx")
+    return to_csv(xlsx({"A1": value}, {"A1": fmt} if fmt else None, {"A1": cached} if cached else None), "xlsx")
 
 
 @pytest.mark.parametrize("value, fmt, expected", [
@@ -61,17 +61,17 @@ def test_formula_written_as_its_cached_value(cached, expected):
 
 
 def test_formula_without_cached_value_is_an_empty_field():
-    assert to_csv(xlsx({"A1": "=1+2", "B1": 5}), ".xlsx") == b",5\n"
+    assert to_csv(xlsx({"A1": "=1+2", "B1": 5}), "xlsx") == b",5\n"
 
 
 def test_range_keeps_leading_empty_rows_and_columns_and_pads():
     """Rows 1…last and columns 1…last used, every line the same width."""
     data = xlsx({"C3": "x", "B4": 1})
-    assert to_csv(data, ".xlsx") == b',,\n,,\n,,"x"\n,1,\n'
+    assert to_csv(data, "xlsx") == b',,\n,,\n,,"x"\n,1,\n'
 
 
 def test_empty_sheet_is_an_empty_file():
-    assert to_csv(xlsx({}), ".xlsx") == b""
+    assert to_csv(xlsx({}), "xlsx") == b""
 
 
 def test_merged_cells_keep_the_top_left_value_only():
@@ -82,11 +82,11 @@ def test_merged_cells_keep_the_top_left_value_only():
     ws.merge_cells("A1:A2")
     buf = io.BytesIO()
     wb.save(buf)
-    assert to_csv(buf.getvalue(), ".xlsx") == b'"merged","x"\n,1\n'
+    assert to_csv(buf.getvalue(), "xlsx") == b'"merged","x"\n,1\n'
 
 
 def test_first_sheet_in_workbook_order():
-    assert to_csv(xlsx({"A1": "first"}, extra_sheets=2), ".xlsx") == b'"first"\n'
+    assert to_csv(xlsx({"A1": "first"}, extra_sheets=2), "xlsx") == b'"first"\n'
 
 
 def test_sheet_over_the_cell_limit_is_unprocessable():
@@ -103,15 +103,15 @@ def test_sheet_over_the_cell_limit_is_unprocessable():
                 part = re.sub(rb'<dimension ref="[^"]*"', b'<dimension ref="A1:XFD1048576"', part)
             dst.writestr(info, part)
     with pytest.raises(Unprocessable, match="limit"):
-        to_csv(out.getvalue(), ".xlsx")
+        to_csv(out.getvalue(), "xlsx")
     assert MAX_CELLS == 2_000_000
 
 
 def test_not_a_spreadsheet_is_unprocessable():
     with pytest.raises(Unprocessable):
-        to_csv(b"\xff\xd8\xff\xe0JFIF not really", ".xlsx")
+        to_csv(b"\xff\xd8\xff\xe0JFIF not really", "xlsx")
     with pytest.raises(Unprocessable):
-        to_csv(b"\xff\xd8\xff\xe0JFIF not really", ".xls")
+        to_csv(b"\xff\xd8\xff\xe0JFIF not really", "xls")
 
 
 @pytest.mark.parametrize("value, fmt, expected", [
@@ -126,7 +126,7 @@ def test_not_a_spreadsheet_is_unprocessable():
     (0.5, "hh:mm:ss", b"12:00:00\n"),
 ])
 def test_xls_cell(value, fmt, expected):
-    assert to_csv(xls({(0, 0): value}, {(0, 0): fmt} if fmt else None), ".xls") == expected
+    assert to_csv(xls({(0, 0): value}, {(0, 0): fmt} if fmt else None), "xls") == expected
 
 
 def test_xls_error_cells():
@@ -139,11 +139,11 @@ def test_xls_error_cells():
     ws.row(1).set_cell_error(1, 0x2A)
     buf = io.BytesIO()
     wb.save(buf)
-    assert to_csv(buf.getvalue(), ".xls") == b"#DIV/0!,1\n,#N/A\n"
+    assert to_csv(buf.getvalue(), "xls") == b"#DIV/0!,1\n,#N/A\n"
 
 
 def test_xls_range_and_padding():
-    assert to_csv(xls({(1, 1): "x", (2, 0): 3.5}), ".xls") == b',\n,"x"\n3.5,\n'
+    assert to_csv(xls({(1, 1): "x", (2, 0): 3.5}), "xls") == b',\n,"x"\n3.5,\n'
 
 
 @pytest.mark.parametrize("code, kind", [

@@ -1,0 +1,115 @@
+"""Download links (DESIGN §6): a message with no attachments may carry a link to its data instead.
+
+Only links that match a configured pattern are fetched, and only from the
+scheme, host and port that pattern names (so a redirect, or a pattern's
+unescaped `.`, cannot lead elsewhere). Each download is bounded in time and
+size; timeouts, dropped connections and 5xx answers are retried a few times.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import re
+from dataclasses import dataclass
+from urllib.parse import urljoin, urlsplit
+
+import aiohttp
+
+from esmail.config import LinksConfig
+from esmail.keys import safe_path
+
+MAX_LINKS = 5  # per message
+MAX_REDIRECTS = 5
+_NOT_AVAILABLE = b"Your image cannot be displayed at this time"
+_RETRY_STATUS = {408, 429, 500, 502, 503, 504}
+
+
+class LinkFailed(Exception):
+    """A link that gave nothing to store; the message is finished without it."""
+
+
+class _Transient(Exception):
+    """Worth another try: a timeout, a dropped connection, a 5xx."""
+
+
+@dataclass(frozen=True)
+class Download:
+    url: str
+    name: str  # made safe (DESIGN §3)
+    data: bytes
+
+
+def find(text: str, patterns: tuple[str, ...]) -> list[str]:
+    """Every distinct link in `text` that a pattern matches, in order of appearance."""
+    found: dict[str, int] = {}
+    for pattern in patterns:
+        for match in re.finditer(pattern, text):
+            found.setdefault(match.group(0), match.start())
+    return sorted(found, key=found.__getitem__)
+
+
+def origin(url: str) -> tuple[str, str, int]:
+    """(scheme, host, port) of a URL, the port filled in: what a link may be fetched from."""
+    parts = urlsplit(url)
+    scheme = parts.scheme.lower()
+    return scheme, (parts.hostname or "").lower(), parts.port or (443 if scheme == "https" else 80)
+
+
+async def download_all(urls: list[str], config: LinksConfig) -> list[Download | LinkFailed]:
+    """Each link's download, or why it failed (in the same order)."""
+    timeout = aiohttp.ClientTimeout(total=config.timeout)
+    async with aiohttp.ClientSession(timeout=timeout) as session:
+        return [await _with_retries(session, url, config) for url in urls]
+
+
+async def _with_retries(session: aiohttp.ClientSession, url: str, config: LinksConfig) -> Download | LinkFailed:
+    for attempt in range(1, config.attempts + 1):
+        try:
+            return await _download(session, url, config)
+        except LinkFailed as exc:
+            return exc
+        except _Transient as exc:
+            if attempt == config.attempts:
+                return LinkFailed(f"{exc} (after {attempt} attempts)")
+            await asyncio.sleep(2 ** (attempt - 1))
+    raise AssertionError("unreachable")
+
+
+async def _download(session: aiohttp.ClientSession, url: str, config: LinksConfig) -> Download:
+    allowed = config.origins
+    for _ in range(MAX_REDIRECTS + 1):
+        if origin(url) not in allowed:
+            raise LinkFailed(f"{url} is on a host no [links] pattern allows")
+        try:
+            async with session.get(url, allow_redirects=False) as response:
+                if response.status in (301, 302, 303, 307, 308) and "Location" in response.headers:
+                    url = urljoin(url, response.headers["Location"])
+                    continue
+                return await _read(response, url, config.max_bytes)
+        except asyncio.TimeoutError:
+            raise _Transient(f"{url}: no complete answer within {config.timeout:g}s") from None
+        except aiohttp.ClientError as exc:
+            raise _Transient(f"{url}: {type(exc).__name__}: {exc}") from None
+    raise LinkFailed(f"{url}: more than {MAX_REDIRECTS} redirects")
+
+
+async def _read(response: aiohttp.ClientResponse, url: str, max_bytes: int) -> Download:
+    if response.status in _RETRY_STATUS:
+        raise _Transient(f"{url}: HTTP {response.status}")
+    if not 200 <= response.status < 300:
+        raise LinkFailed(f"{url}: HTTP {response.status}")
+    if response.content_type == "text/html":
+        raise LinkFailed(f"{url}: the answer is an HTML page, not a file")
+    if (response.content_length or 0) > max_bytes:
+        raise LinkFailed(f"{url}: {response.content_length:,} bytes, over [links] max_bytes ({max_bytes:,})")
+    chunks, size = [], 0
+    async for chunk in response.content.iter_chunked(1 << 16):
+        size += len(chunk)
+        if size > max_bytes:
+            raise LinkFailed(f"{url}: over [links] max_bytes ({max_bytes:,} bytes)")
+        chunks.append(chunk)
+    data = b"".join(chunks)
+    if _NOT_AVAILABLE in data:
+        raise LinkFailed(f"{url}: the server says the file is not available ({_NOT_AVAILABLE.decode()!r})")
+    name = response.content_disposition.filename if response.content_disposition else None
+    return Download(url, safe_path(name or re.sub(r"[:/?]", "_", url)), data)
