@@ -78,10 +78,11 @@ def _collect(part: EmailMessage, found: list[Attachment], depth: int) -> None:
             _collect(sub, found, depth)
         return
     name = _filename(part)
-    if name is None and not _is_file(part):
+    inline_image = _is_inline_image(part)
+    if name is None and not inline_image and not _is_file(part):
         return
     data = part.get_payload(decode=True) or b""
-    found.append(Attachment(safe_path(name or _default_name(part)), data, _is_inline_image(part)))
+    found.append(Attachment(safe_path(name or _default_name(part)), data, inline_image))
 
 
 def _is_inline_image(part: EmailMessage) -> bool:

@@ -7,6 +7,7 @@ import smtplib
 import threading
 import time
 from dataclasses import replace
+from datetime import datetime, timezone
 from pathlib import Path
 
 import boto3
@@ -14,7 +15,9 @@ import pytest
 from moto.server import ThreadedMotoServer
 
 from esmail.config import Address, Buckets, Config, SpoolConfig, StorageConfig, WorkerConfig
+from esmail.spool import Spool
 from esmail.store import open_store
+from esmail.worker import Worker
 
 SEED = Path(__file__).resolve().parents[2] / "shared" / "seed-samples"  # ../shared beside the checkout
 
@@ -61,6 +64,17 @@ async def store(config):
     store = open_store(config)
     yield store
     await store.close()
+
+
+RECEIVED = datetime(2025, 3, 23, 10, 11, 12, tzinfo=timezone.utc)
+
+
+async def ingest(config, store, raw: bytes, prefixes: list[str], received=RECEIVED):
+    """Spool a message and run the worker on it once, as `esmail ingest` does."""
+    spool = Spool(config.spool.path)
+    envelope = spool.accept(raw, prefixes, received=received, origin="ingest")
+    stored = await Worker(config, spool, store).process(envelope.id)
+    return envelope, stored, spool
 
 
 async def bucket_contents(store, bucket: str) -> dict[str, bytes]:

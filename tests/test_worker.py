@@ -2,15 +2,13 @@
 
 import io
 import zipfile
-from datetime import datetime, timezone
 from email.message import EmailMessage
 
-from conftest import bucket_contents
+from conftest import RECEIVED, bucket_contents, ingest
 from esmail.spool import Spool
 from esmail.worker import Worker
 from sheets import xls, xlsx
 
-RECEIVED = datetime(2025, 3, 23, 10, 11, 12, tzinfo=timezone.utc)
 CSV = b"MPAN,00:30\r\n2200013680374,1.5\r\n\r\n"
 PNG = b"\x89PNG\r\n\x1a\n\x00\x00\x00\rIHDR"
 
@@ -35,13 +33,6 @@ def feed_message() -> bytes:
     msg.add_attachment(CSV, maintype="text", subtype="csv", filename="export.csv")
     msg.add_attachment(inner)
     return bytes(msg)
-
-
-async def ingest(config, store, raw: bytes, prefixes: list[str], received=RECEIVED):
-    spool = Spool(config.spool.path)
-    envelope = spool.accept(raw, prefixes, received=received, origin="ingest")
-    stored = await Worker(config, spool, store).process(envelope.id)
-    return envelope, stored, spool
 
 
 async def test_feed_message_lands_in_the_right_buckets(config, store):
