@@ -59,7 +59,7 @@ async def test_an_xls_that_is_an_html_table_becomes_its_csv(config, store, caplo
         assert await amr_data_of(config, store, message(("export.xls", page))) == {
             f"{FOLDER}/export.xls.csv": '"MPAN","Date","kWh",\n"2200013680374","15/03/2023","1.5","£2 & ""more"""\n,"café\nline two",,\n'.encode(),
         }
-    assert "sheffield/20250323-101112/export.xls.csv\t70 (html table, named .xls)" in caplog.text  # the rule that decided
+    assert "sheffield/20250323-101112/export.xls.csv\t93 (html table, named .xls)" in caplog.text  # the rule that decided
 
 
 async def test_an_xls_or_xlsx_that_is_csv_or_tab_separated_text_becomes_normalised_text(config, store):
