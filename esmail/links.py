@@ -67,49 +67,52 @@ async def _with_retries(session: aiohttp.ClientSession, url: str, config: LinksC
         try:
             return await _download(session, url, config)
         except LinkFailed as exc:
-            return exc
+            return LinkFailed(f"{url}: {exc}")
         except _Transient as exc:
             if attempt == config.attempts:
-                return LinkFailed(f"{exc} (after {attempt} attempts)")
+                return LinkFailed(f"{url}: {exc} (after {attempt} attempts)")
             await asyncio.sleep(2 ** (attempt - 1))
     raise AssertionError("unreachable")
 
 
-async def _download(session: aiohttp.ClientSession, url: str, config: LinksConfig) -> Download:
-    allowed = config.origins
+async def _download(session: aiohttp.ClientSession, link: str, config: LinksConfig) -> Download:
+    """One try: the link and its redirects, each checked against the allowed origins."""
+    allowed, url = config.origins, link
     for _ in range(MAX_REDIRECTS + 1):
         if origin(url) not in allowed:
-            raise LinkFailed(f"{url} is on a host no [links] pattern allows")
+            redirect = f"redirected to {url}, " if url != link else ""
+            raise LinkFailed(f"{redirect}not on a scheme, host and port that a [links] pattern names")
         try:
             async with session.get(url, allow_redirects=False) as response:
                 if response.status in (301, 302, 303, 307, 308) and "Location" in response.headers:
                     url = urljoin(url, response.headers["Location"])
                     continue
-                return await _read(response, url, config.max_bytes)
+                return await _read(response, config.max_bytes)
         except asyncio.TimeoutError:
-            raise _Transient(f"{url}: no complete answer within {config.timeout:g}s") from None
+            raise _Transient(f"no complete answer within {config.timeout:g}s") from None
         except aiohttp.ClientError as exc:
-            raise _Transient(f"{url}: {type(exc).__name__}: {exc}") from None
-    raise LinkFailed(f"{url}: more than {MAX_REDIRECTS} redirects")
+            raise _Transient(f"{type(exc).__name__}: {exc}") from None
+    raise LinkFailed(f"more than {MAX_REDIRECTS} redirects")
 
 
-async def _read(response: aiohttp.ClientResponse, url: str, max_bytes: int) -> Download:
+async def _read(response: aiohttp.ClientResponse, max_bytes: int) -> Download:
     if response.status in _RETRY_STATUS:
-        raise _Transient(f"{url}: HTTP {response.status}")
+        raise _Transient(f"HTTP {response.status}")
     if not 200 <= response.status < 300:
-        raise LinkFailed(f"{url}: HTTP {response.status}")
+        raise LinkFailed(f"HTTP {response.status}")
     if response.content_type == "text/html":
-        raise LinkFailed(f"{url}: the answer is an HTML page, not a file")
+        raise LinkFailed("the answer is an HTML page, not a file")
     if (response.content_length or 0) > max_bytes:
-        raise LinkFailed(f"{url}: {response.content_length:,} bytes, over [links] max_bytes ({max_bytes:,})")
+        raise LinkFailed(f"{response.content_length:,} bytes, over [links] max_bytes ({max_bytes:,})")
     chunks, size = [], 0
     async for chunk in response.content.iter_chunked(1 << 16):
         size += len(chunk)
         if size > max_bytes:
-            raise LinkFailed(f"{url}: over [links] max_bytes ({max_bytes:,} bytes)")
+            raise LinkFailed(f"over [links] max_bytes ({max_bytes:,} bytes)")
         chunks.append(chunk)
     data = b"".join(chunks)
     if _NOT_AVAILABLE in data:
-        raise LinkFailed(f"{url}: the server says the file is not available ({_NOT_AVAILABLE.decode()!r})")
+        raise LinkFailed(f"the server says the file is not available ({_NOT_AVAILABLE.decode()!r})")
+    url = str(response.url)
     name = response.content_disposition.filename if response.content_disposition else None
     return Download(url, safe_path(name or re.sub(r"[:/?]", "_", url)), data)
