@@ -56,7 +56,7 @@ def _parser() -> argparse.ArgumentParser:
 
     serve = commands.add_parser("serve", parents=[common], help="run the SMTP server and the worker (the daemon)",
                                 description="Receive mail on [smtp] listen, spool each message (fsync'd) before answering 250, "
-                                            "and convert and store it. SIGTERM or SIGINT stops it cleanly.")
+                                            "and convert and store it. SIGTERM or SIGINT stops it cleanly; SIGHUP reloads the TLS certificate.")
     serve.set_defaults(run=_run(_serve), default_log_level="info")
 
     send = commands.add_parser("send", parents=[common], help="mail files as attachments to an esmail server",
@@ -109,6 +109,7 @@ async def _serve(config: Config, args) -> int:
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, daemon.stop)
+    loop.add_signal_handler(signal.SIGHUP, daemon.smtp.reload_tls)
     try:
         return await daemon.run()
     except OSError as exc:

@@ -16,6 +16,7 @@ from esmail.config import Config
 from esmail.smtp import Receiver, SmtpServer
 from esmail.spool import GroupCommit, Spool
 from esmail.store import open_store
+from esmail.systemd import Notifier
 from esmail.worker import Scheduler, Worker, process_pool_size
 
 log = logging.getLogger(__name__)
@@ -32,6 +33,7 @@ class Daemon:
         self.scheduler = Scheduler(self.worker, concurrency=process_pool_size(config))
         receiver = Receiver(config.smtp, GroupCommit(self.spool), self.scheduler.submit)
         self.smtp = SmtpServer(config.smtp, receiver)
+        self.notifier = Notifier()
         self._stopping = asyncio.Event()
 
     async def run(self, on_ready: Callable[[], None] | None = None) -> int:
@@ -40,26 +42,44 @@ class Daemon:
         if stale:
             log.warning("removed %d unacknowledged partial messages a crash left in %s", stale, self.spool.tmp)
         scheduler = asyncio.create_task(self.scheduler.run())
+        heartbeat = None
         try:
             await self.smtp.start()
             self._announce()
+            self.notifier.notify("READY=1", f"STATUS={self.status()}")
+            heartbeat = asyncio.create_task(self._heartbeat())
             if on_ready:
                 on_ready()
             await self._stopping.wait()
             log.info("shutting down: no new connections; sessions finish their message")
+            self.notifier.notify("STOPPING=1", "STATUS=stopping: sessions finish their message")
             await self.smtp.stop()
         finally:
+            if heartbeat is not None:
+                heartbeat.cancel()
             scheduler.cancel()
             if not await self.scheduler.finish(WORKER_GRACE):
                 log.warning("entries still in progress stay in the spool for the next start")
             await asyncio.to_thread(self.worker.close)
             await self.store.close()
+            self.notifier.close()
         log.info("stopped; %d entries wait in the spool", len(self.spool.pending()))
         return 0
 
     def stop(self) -> None:
         """Begin a clean shutdown (the signal handler; thread-safe callers use loop.call_soon_threadsafe)."""
         self._stopping.set()
+
+    def status(self) -> str:
+        """One line for `systemctl status`: the queue as the spool holds it."""
+        return f"{len(self.spool.pending())} queued, {len(self.spool.failed_ids())} failed; listening on {self.config.smtp.listen}"
+
+    async def _heartbeat(self) -> None:
+        """Watchdog keep-alives and STATUS= updates, from the event loop itself."""
+        while True:
+            await asyncio.sleep(self.notifier.interval)
+            lines = ["WATCHDOG=1"] if self.notifier.watchdog else []
+            self.notifier.notify(*lines, f"STATUS={self.status()}")
 
     def _announce(self) -> None:
         smtp = self.config.smtp

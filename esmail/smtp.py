@@ -238,6 +238,18 @@ class SmtpServer:
         self.sessions.add(connection)
         return connection
 
+    def reload_tls(self) -> None:
+        """SIGHUP: read the certificate and key again (after a renewal); new sessions get them, a bad pair keeps the old."""
+        if self.config.tls_cert is None:
+            log.info("SIGHUP: no [smtp] tls_cert, nothing to reload")
+            return
+        try:
+            self.tls_context = tls_context(self.config)
+        except ConfigError as exc:
+            log.error("SIGHUP: %s; the certificate loaded before stays in use", exc)
+            return
+        log.info("SIGHUP: reloaded the TLS certificate %s", self.config.tls_cert)
+
     async def stop(self, grace: float = SHUTDOWN_GRACE) -> None:
         """Stop listening; close idle sessions now and busy ones once their message is through (at most `grace` s)."""
         if self._server is None:

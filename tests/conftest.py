@@ -3,7 +3,12 @@
 from __future__ import annotations
 
 import asyncio
+import os
+import signal
 import smtplib
+import socket
+import subprocess
+import sys
 import threading
 import time
 from dataclasses import replace
@@ -157,3 +162,44 @@ async def eventually(check, timeout: float = 30.0, interval: float = 0.05):
         if result or time.monotonic() > deadline:
             return result
         await asyncio.sleep(interval)
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+class Server:
+    """`esmail serve` as its own process, as systemd would run it."""
+
+    def __init__(self, config: Config, tmp_path, smtp: str = "", tables: str = ""):
+        """`smtp`: more [smtp] keys; `tables`: more TOML tables, appended."""
+        self.port = free_port()
+        self.toml = tmp_path / "esmail.toml"
+        self.toml.write_text(config_toml(config) + f'min_free = 0\n[smtp]\nlisten = "127.0.0.1:{self.port}"\n{smtp}\n'
+                             f'[worker]\nprocesses = 1\n{tables}\n')
+        self.log = tmp_path / "serve.log"
+        self.process = None
+
+    def start(self, **env: str) -> None:
+        with open(self.log, "ab") as log:
+            self.process = subprocess.Popen([sys.executable, "-m", "esmail", "--config", str(self.toml), "serve"],
+                                            stdout=log, stderr=log, env={**os.environ, **FAKE_AWS, **env})
+        deadline = time.monotonic() + 30
+        while time.monotonic() < deadline:
+            assert self.process.poll() is None, self.log.read_text()
+            try:
+                socket.create_connection(("127.0.0.1", self.port), timeout=1).close()
+                return
+            except OSError:
+                time.sleep(0.05)
+        raise AssertionError("esmail serve did not start: " + self.log.read_text())
+
+    def kill(self) -> None:
+        self.process.kill()
+        self.process.wait(10)
+
+    def terminate(self) -> int:
+        self.process.send_signal(signal.SIGTERM)
+        return self.process.wait(60)

@@ -3,13 +3,12 @@
 import os
 import signal
 import smtplib
-import socket
 import subprocess
 import sys
 import threading
 import time
 import pytest
-from conftest import FAKE_AWS, REGION, RunningDaemon, bucket_contents, config_toml, eventually, make_buckets
+from conftest import FAKE_AWS, REGION, RunningDaemon, Server, bucket_contents, eventually, free_port, make_buckets
 from moto.server import ThreadedMotoServer
 from test_smtp import feed
 
@@ -17,45 +16,6 @@ from esmail.config import Buckets, Config, SpoolConfig, StorageConfig, WorkerCon
 from esmail.spool import Spool
 from esmail.store import open_store
 from esmail.worker import Worker
-
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
-
-
-class Server:
-    """`esmail serve` as its own process, as systemd would run it."""
-
-    def __init__(self, config: Config, tmp_path):
-        self.port = free_port()
-        self.toml = tmp_path / "esmail.toml"
-        self.toml.write_text(config_toml(config) + f'min_free = 0\n[smtp]\nlisten = "127.0.0.1:{self.port}"\n[worker]\nprocesses = 1\n')
-        self.log = tmp_path / "serve.log"
-        self.process = None
-
-    def start(self) -> None:
-        with open(self.log, "ab") as log:
-            self.process = subprocess.Popen([sys.executable, "-m", "esmail", "--config", str(self.toml), "serve"],
-                                            stdout=log, stderr=log, env={**os.environ, **FAKE_AWS})
-        deadline = time.monotonic() + 30
-        while time.monotonic() < deadline:
-            assert self.process.poll() is None, self.log.read_text()
-            try:
-                socket.create_connection(("127.0.0.1", self.port), timeout=1).close()
-                return
-            except OSError:
-                time.sleep(0.05)
-        raise AssertionError("esmail serve did not start: " + self.log.read_text())
-
-    def kill(self) -> None:
-        self.process.kill()
-        self.process.wait(10)
-
-    def terminate(self) -> int:
-        self.process.send_signal(signal.SIGTERM)
-        return self.process.wait(60)
 
 
 def send_until_stopped(port: int, prefix: str, accepted: list, stop: threading.Event) -> None:
