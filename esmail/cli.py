@@ -18,7 +18,7 @@ from pathlib import Path
 from esmail import __version__, chain, config as config_module, mail
 from esmail.config import Config
 from esmail.daemon import Daemon
-from esmail.errors import ConfigError, TemporaryFailure
+from esmail.errors import CannotListen, ConfigError, TemporaryFailure
 from esmail.keys import prefix_of
 from esmail.spool import Spool
 from esmail.store import open_store
@@ -112,9 +112,8 @@ async def _serve(config: Config, args) -> int:
     loop.add_signal_handler(signal.SIGHUP, daemon.smtp.reload_tls)
     try:
         return await daemon.run()
-    except OSError as exc:
-        hint = " (ports below 1024 need root or CAP_NET_BIND_SERVICE)" if config.smtp.listen.port < 1024 else ""
-        print(f"esmail serve: cannot listen on {config.smtp.listen} ([smtp] listen): {exc.strerror or exc}{hint}", file=sys.stderr)
+    except CannotListen as exc:
+        print(f"esmail serve: {exc}", file=sys.stderr)
         return 1
 
 

@@ -96,6 +96,11 @@ class WorkerConfig:
 
 
 @dataclass(frozen=True)
+class HttpConfig:
+    listen: Address | None = None  # /healthz and /metrics; None: off
+
+
+@dataclass(frozen=True)
 class CsvConfig:
     ascii_only: bool = False
 
@@ -136,6 +141,7 @@ class Config:
     worker: WorkerConfig = WorkerConfig()
     csv: CsvConfig = CsvConfig()
     links: LinksConfig = LinksConfig()
+    http: HttpConfig = HttpConfig()
     secrets: Mapping[str, str] = field(default_factory=dict, repr=False)
     source: Path | None = None
 
@@ -257,10 +263,11 @@ _SCHEMA: dict[str, dict[str, tuple[Any, str]]] = {
         "max_bytes": (parse_size, 'a size such as "100MB"'),
         "attempts": (_at_least_one, "at least 1 (a whole number of tries)"),
     },
+    "http": {"listen": (parse_address, 'an address and port such as "127.0.0.1:9025"')},
 }
 _SECTIONS = {
     "smtp": SmtpConfig, "storage": StorageConfig, "buckets": Buckets, "spool": SpoolConfig,
-    "worker": WorkerConfig, "csv": CsvConfig, "links": LinksConfig,
+    "worker": WorkerConfig, "csv": CsvConfig, "links": LinksConfig, "http": HttpConfig,
 }
 
 

@@ -13,6 +13,7 @@ import logging
 from collections.abc import Callable
 
 from esmail.config import Config
+from esmail.monitor import Monitor
 from esmail.smtp import Receiver, SmtpServer
 from esmail.spool import GroupCommit, Spool
 from esmail.store import open_store
@@ -33,6 +34,7 @@ class Daemon:
         self.scheduler = Scheduler(self.worker, concurrency=process_pool_size(config))
         receiver = Receiver(config.smtp, GroupCommit(self.spool), self.scheduler.submit)
         self.smtp = SmtpServer(config.smtp, receiver)
+        self.monitor = Monitor(self) if config.http.listen else None
         self.notifier = Notifier()
         self._stopping = asyncio.Event()
 
@@ -45,6 +47,8 @@ class Daemon:
         heartbeat = None
         try:
             await self.smtp.start()
+            if self.monitor:
+                await self.monitor.start()
             self._announce()
             self.notifier.notify("READY=1", f"STATUS={self.status()}")
             heartbeat = asyncio.create_task(self._heartbeat())
@@ -55,6 +59,8 @@ class Daemon:
             self.notifier.notify("STOPPING=1", "STATUS=stopping: sessions finish their message")
             await self.smtp.stop()
         finally:
+            if self.monitor:
+                await self.monitor.stop()
             if heartbeat is not None:
                 heartbeat.cancel()
             scheduler.cancel()
@@ -86,3 +92,5 @@ class Daemon:
         if not smtp.domains:
             log.warning("[smtp] domains is empty: mail for any domain is accepted (fine on localhost, an open door on the internet)")
         log.info("listening on %s (port %d), spool %s, %d entries waiting", smtp.listen, self.smtp.port, self.spool.path, len(self.spool.pending()))
+        if self.monitor:
+            log.info("/healthz and /metrics on http://%s (port %d)", self.config.http.listen, self.monitor.port)

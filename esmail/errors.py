@@ -3,8 +3,11 @@
     EsmailError
     ├── ConfigError        the operator must fix the configuration (exit 2)
     ├── Unprocessable      this file cannot be converted: store the original in unprocessable
-    └── TemporaryFailure   try again later (storage outage, full disk); nothing is lost meanwhile
+    ├── TemporaryFailure   try again later (storage outage, full disk); nothing is lost meanwhile
+    └── CannotListen       a configured port cannot be bound (in use, or below 1024 without the capability)
 """
+
+import os
 
 
 class EsmailError(Exception):
@@ -21,3 +24,12 @@ class Unprocessable(EsmailError):
 
 class TemporaryFailure(EsmailError):
     """Storage or the spool failed in a way that may pass; the work must be retried."""
+
+
+class CannotListen(EsmailError):
+    """`esmail serve` cannot open a configured port; the message names the key."""
+
+    def __init__(self, key: str, address, exc: OSError):
+        hint = " (ports below 1024 need root or CAP_NET_BIND_SERVICE)" if address.port < 1024 else ""
+        reason = os.strerror(exc.errno) if exc.errno else str(exc)  # asyncio's strerror repeats the address
+        super().__init__(f"cannot listen on {address} ({key}): {reason}{hint}")

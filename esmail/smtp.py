@@ -11,6 +11,7 @@ rather than 500 when something inside goes wrong.
 from __future__ import annotations
 
 import asyncio
+import functools
 import logging
 import re
 import socket
@@ -19,8 +20,9 @@ from typing import Callable
 
 from aiosmtpd.smtp import SMTP, Envelope as SmtpEnvelope, Session as SmtpSession
 
+from esmail import metrics
 from esmail.config import SmtpConfig
-from esmail.errors import ConfigError, TemporaryFailure
+from esmail.errors import CannotListen, ConfigError, TemporaryFailure
 from esmail.keys import domain_of, prefix_of
 from esmail.spool import GroupCommit
 
@@ -39,6 +41,22 @@ def too_big(limit: int) -> str:
     return f"552 5.3.4 Message too big: the limit is {limit} bytes"
 
 
+def counted(command: str, reply: str) -> str:
+    """A final reply, counted for /metrics by command and code."""
+    metrics.SMTP_REPLIES.labels(command, reply[:3]).inc()
+    return reply
+
+
+def _counted(command: str):
+    """Count what a Receiver hook answers."""
+    def wrap(hook):
+        @functools.wraps(hook)
+        async def hook_counted(*args):
+            return counted(command, await hook(*args))
+        return hook_counted
+    return wrap
+
+
 class Receiver:
     """aiosmtpd handler: the checks of DESIGN §7 at MAIL and RCPT, and the spool at DATA."""
 
@@ -53,6 +71,7 @@ class Receiver:
         kept = [line for line in responses[:-1] if not line.startswith("250-AUTH")]
         return [*kept, f"250-SIZE {self.config.max_message_size}", responses[-1]]
 
+    @_counted("MAIL")
     async def handle_MAIL(self, server: SMTP, session: SmtpSession, envelope: SmtpEnvelope, address: str, options: list[str]) -> str:
         declared = _SIZE_PARAM.search(" ".join(options))
         if declared and int(declared.group(1)) > self.config.max_message_size:
@@ -66,6 +85,7 @@ class Receiver:
         envelope.mail_options.extend(options)
         return "250 2.1.0 Ok"
 
+    @_counted("RCPT")
     async def handle_RCPT(self, server: SMTP, session: SmtpSession, envelope: SmtpEnvelope, address: str, options: list[str]) -> str:
         if len(envelope.rcpt_tos) >= MAX_RECIPIENTS:
             return f"452 4.5.3 Too many recipients: at most {MAX_RECIPIENTS} per message"
@@ -77,6 +97,7 @@ class Receiver:
         envelope.rcpt_options.extend(options)
         return "250 2.1.5 Ok"
 
+    @_counted("DATA")
     async def handle_DATA(self, server: SMTP, session: SmtpSession, envelope: SmtpEnvelope) -> str:
         raw = envelope.original_content
         prefixes = [prefix_of(address) for address in envelope.rcpt_tos]
@@ -153,7 +174,7 @@ class Connection(SMTP):
             return
         if content is None:
             self._set_post_data_state()
-            await self.push(too_big(self.max_message_size))
+            await self.push(counted("DATA", too_big(self.max_message_size)))
             return
         self.envelope.content = self.envelope.original_content = content
         try:
@@ -202,7 +223,7 @@ class _Busy(asyncio.Protocol):
     """What a client gets when max_sessions are already open."""
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
-        transport.write(b"421 4.7.0 Too many connections; please try again later\r\n")
+        transport.write(counted("CONNECT", "421 4.7.0 Too many connections; please try again later").encode() + b"\r\n")
         transport.close()
 
 
@@ -222,11 +243,18 @@ class SmtpServer:
         if not self.hostname:  # once: aiosmtpd would look it up (blocking) for every connection
             self.hostname = await loop.run_in_executor(None, socket.getfqdn)
         host, port = self.config.listen
-        self._server = await loop.create_server(self._connection, host, port, reuse_address=True)
+        try:
+            self._server = await loop.create_server(self._connection, host, port, reuse_address=True)
+        except OSError as exc:
+            raise CannotListen("[smtp] listen", self.config.listen, exc) from None
 
     @property
     def port(self) -> int:
         return self._server.sockets[0].getsockname()[1]
+
+    @property
+    def listening(self) -> bool:
+        return self._server is not None and self._server.is_serving()
 
     def _connection(self) -> asyncio.Protocol:
         if len(self.sessions) >= self.config.max_sessions:

@@ -17,6 +17,7 @@ import asyncio
 import json
 import os
 import secrets
+import tempfile
 import threading
 import time
 from dataclasses import asdict, dataclass
@@ -145,6 +146,24 @@ class Spool:
         free = stat.f_bavail * stat.f_frsize
         if free - size < self.min_free:
             raise TemporaryFailure(f"the spool {self.path} has {free:,} bytes free, under [spool] min_free ({self.min_free:,})")
+
+    def check_writable(self) -> None:
+        """Raise TemporaryFailure unless a message could be spooled now: space above min_free, a file can be created."""
+        self.ensure_space()
+        try:
+            with tempfile.NamedTemporaryFile(dir=self.tmp, prefix="health-"):
+                pass
+        except OSError as exc:
+            raise self.failure(exc) from None
+
+    def oldest_age(self) -> float:
+        """Seconds the oldest queued entry has waited; 0 when the queue is empty."""
+        for entry_id in self.pending():
+            try:
+                return max((datetime.now(timezone.utc) - self.envelope(entry_id).received_at).total_seconds(), 0.0)
+            except (OSError, ValueError):  # finished meanwhile: the next one is the oldest
+                continue
+        return 0.0
 
     def _envelope_for(self, received: datetime | None, prefixes: list[str], fields: dict) -> Envelope:
         received = (received or datetime.now(timezone.utc)).replace(microsecond=0)

@@ -17,7 +17,7 @@ from concurrent.futures import ProcessPoolExecutor
 from concurrent.futures.process import BrokenProcessPool
 from dataclasses import dataclass, replace
 
-from esmail import links, mail
+from esmail import links, mail, metrics
 from esmail.chain import INBOX, UNPROCESSABLE, Output, route
 from esmail.config import Config
 from esmail.errors import TemporaryFailure
@@ -72,6 +72,7 @@ class Worker:
         self.spool = spool
         self.store = store
         self.executor: ProcessPoolExecutor | None = process_pool(config) if processes else None
+        self.store_error: str | None = None  # the last store write's failure; None once one succeeds (/healthz)
 
     def close(self) -> None:
         if self.executor is not None:
@@ -82,7 +83,8 @@ class Worker:
         started = time.monotonic()
         envelope, raw = self.spool.load(entry_id)
         try:
-            converted = await self._in_pool(convert, raw, self.config.csv.ascii_only, self.config.links.patterns)
+            with metrics.CONVERSION.time():
+                converted = await self._in_pool(convert, raw, self.config.csv.ascii_only, self.config.links.patterns)
         except TemporaryFailure:
             raise
         except Exception as exc:  # the message itself broke the parser: keep it whole, in failed/ too
@@ -104,6 +106,7 @@ class Worker:
                 else:
                     log.info("%s: %s (%s)", entry_id, stored[-1], out.rule)
         self.spool.done(entry_id)
+        metrics.MESSAGES.labels("stored").inc()
         skipped = f" ({converted.inline_images} inline images skipped)" if converted.inline_images else ""
         log.info("%s: %d objects stored for %s in %.2fs%s", entry_id, len(stored), ",".join(envelope.folders) or NO_PREFIX, time.monotonic() - started, skipped)
         return stored
@@ -126,6 +129,7 @@ class Worker:
             log.warning("%s: %d links in the body; only the first %d are downloaded", envelope.id, len(urls), links.MAX_LINKS)
         files = []
         for result in await links.download_all(urls[: links.MAX_LINKS], self.config.links):
+            metrics.LINK_DOWNLOADS.labels("failed" if isinstance(result, links.LinkFailed) else "ok").inc()
             if isinstance(result, links.LinkFailed):
                 log.error("%s: link download failed for %s: %s", envelope.id, prefixes, result)
             else:
@@ -149,6 +153,7 @@ class Worker:
                 await self._give_up(envelope, raw, f"gave up after {state.attempts} attempts; the last error: {state.last_error}")
                 return None
             delay = backoff(state.attempts)
+            metrics.RETRIES.inc()
             log.warning("%s: attempt %d of %d failed (%s); next in %.0fs", entry_id, state.attempts, self.config.worker.max_attempts, exc, delay)
             return delay
 
@@ -163,6 +168,7 @@ class Worker:
         except TemporaryFailure as exc:
             log.error("%s: cannot store the raw message either (%s); it is kept in %s", envelope.id, exc, self.spool.failed)
         self.spool.fail(envelope.id, reason)
+        metrics.MESSAGES.labels("failed").inc()
         return stored
 
     @staticmethod
@@ -173,7 +179,14 @@ class Worker:
 
     async def _put(self, logical: str, key: str, data: bytes, content_type: str) -> Stored:
         bucket = self.config.buckets.named(logical)
-        written = await self.store.put(bucket, key, data, content_type)
+        try:
+            written = await self.store.put(bucket, key, data, content_type)
+        except TemporaryFailure as exc:
+            self.store_error = str(exc)
+            raise
+        self.store_error = None
+        metrics.OBJECTS.labels(logical).inc()
+        metrics.STORED_BYTES.labels(logical).inc(len(data))
         return Stored(bucket, written, len(data))
 
     async def process_with_retries(self, entry_id: str, attempts: int, first_delay: float = 1.0) -> list[Stored]:

@@ -1,19 +1,25 @@
 """Running esmail as a service: the systemd unit and the notify protocol, as systemd would see them."""
 
+import json
 import shutil
 import signal
 import smtplib
 import socket
 import ssl
 import subprocess
+import sys
 import time
+import urllib.error
+import urllib.request
+from dataclasses import replace
 from pathlib import Path
 
 import pytest
+from prometheus_client.parser import text_string_to_metric_families
 
-from conftest import Server
-from esmail.config import Config, SpoolConfig, StorageConfig
-from test_smtp import feed, self_signed
+from conftest import RunningDaemon, Server, free_port
+from esmail.config import Address, Config, HttpConfig, SpoolConfig, StorageConfig, WorkerConfig
+from test_smtp import feed, reply_to, self_signed
 
 UNIT = Path(__file__).parents[1] / "systemd" / "esmail.service"
 
@@ -91,3 +97,93 @@ def test_sighup_reloads_the_tls_certificate(tmp_path):
         assert server.terminate() == 0
     assert "SIGHUP: reloaded the TLS certificate" in server.log.read_text()
     assert "cannot load the certificate and key" in server.log.read_text()
+
+
+def get(url: str) -> tuple[int, str]:
+    try:
+        with urllib.request.urlopen(url, timeout=30) as response:
+            return response.status, response.read().decode()
+    except urllib.error.HTTPError as exc:
+        return exc.code, exc.read().decode()
+
+
+def scrape(base: str) -> dict[tuple[str, tuple], float]:
+    """/metrics as {(sample name, sorted labels): value}."""
+    status, text = get(f"{base}/metrics")
+    assert status == 200
+    return {(s.name, tuple(sorted(s.labels.items()))): s.value for family in text_string_to_metric_families(text) for s in family.samples}
+
+
+def with_http(config: Config) -> Config:
+    return replace(config, http=HttpConfig(listen=Address("127.0.0.1", 0)))
+
+
+@pytest.mark.parametrize("config", ["local"], indirect=True)
+def test_metrics_move_after_a_message_and_healthz_says_ok(config):
+    with RunningDaemon(with_http(config)) as server:
+        base = f"http://127.0.0.1:{server.daemon.monitor.port}"
+        assert get(f"{base}/healthz") == (200, '{"status": "ok"}')
+        before = scrape(base)
+        with server.smtp() as client:
+            client.sendmail("a@b.org", ["sheffield@datafeeds.example.org"], feed())
+            assert reply_to(client, "MAIL FROM:<a@b.org>")[0] == 250
+            assert reply_to(client, "RCPT TO:<bad!name@datafeeds.example.org>")[0] == 550
+        eventually_true = time.monotonic() + 30
+        while scrape(base).get(("esmail_messages_total", (("outcome", "stored"),)), 0) == before.get(("esmail_messages_total", (("outcome", "stored"),)), 0):
+            assert time.monotonic() < eventually_true, "the message was not processed"
+            time.sleep(0.05)
+        after = scrape(base)
+
+    def moved(name: str, **labels) -> float:
+        key = (name, tuple(sorted(labels.items())))
+        return after.get(key, 0) - before.get(key, 0)
+
+    assert moved("esmail_smtp_replies_total", command="DATA", code="250") == 1
+    assert moved("esmail_smtp_replies_total", command="RCPT", code="550") == 1
+    assert moved("esmail_objects_stored_total", bucket="amr_data") == 1
+    assert moved("esmail_objects_stored_total", bucket="inbox") == 1
+    assert moved("esmail_stored_bytes_total", bucket="amr_data") == len(b"MPAN,00:30\n2200013680374,1.5\n")
+    assert moved("esmail_conversion_seconds_count") == 1
+    assert after[("esmail_spool_depth", ())] == 0 and after[("esmail_spool_oldest_seconds", ())] == 0
+
+
+@pytest.mark.parametrize("config", ["local"], indirect=True)
+def test_healthz_is_503_with_the_reason_when_the_spool_cannot_take_mail(config):
+    with RunningDaemon(with_http(config)) as server:
+        base = f"http://127.0.0.1:{server.daemon.monitor.port}"
+        server.daemon.spool.min_free = 10**18  # as if the disk had filled up
+        status, body = get(f"{base}/healthz")
+        assert status == 503
+        [problem] = json.loads(body)["problems"]
+        assert "under [spool] min_free (1,000,000,000,000,000,000)" in problem
+
+
+def test_healthz_is_503_after_a_failed_store_write(tmp_path):
+    config = Config(storage=StorageConfig(backend="s3", endpoint_url=f"http://127.0.0.1:{free_port()}", region="eu-west-2"),
+                    spool=SpoolConfig(path=tmp_path / "spool", min_free=0), worker=WorkerConfig(processes=1),
+                    secrets={"AWS_ACCESS_KEY_ID": "testing", "AWS_SECRET_ACCESS_KEY": "testing"})
+    with RunningDaemon(with_http(config)) as server:
+        base = f"http://127.0.0.1:{server.daemon.monitor.port}"
+        with server.smtp() as client:
+            client.sendmail("a@b.org", ["sheffield@datafeeds.example.org"], feed())
+        deadline = time.monotonic() + 60
+        while (status := get(f"{base}/healthz"))[0] == 200:
+            assert time.monotonic() < deadline, "the store failure never showed"
+            time.sleep(0.1)
+        assert status[0] == 503 and "the last store write failed" in json.loads(status[1])["problems"][0]
+        assert scrape(base)[("esmail_spool_depth", ())] == 1  # the message waits in the spool
+
+
+@pytest.mark.parametrize("key", ["smtp", "http"])
+def test_a_port_that_cannot_be_bound_names_its_key(tmp_path, key):
+    other = "http" if key == "smtp" else "smtp"
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        toml = tmp_path / "esmail.toml"
+        toml.write_text(f'[storage]\npath = "{tmp_path / "data"}"\n[spool]\npath = "{tmp_path / "spool"}"\nmin_free = 0\n'
+                        f'[{key}]\nlisten = "127.0.0.1:{port}"\n[{other}]\nlisten = "127.0.0.1:{free_port()}"\n')
+        result = subprocess.run([sys.executable, "-m", "esmail", "--config", str(toml), "serve"], capture_output=True, text=True, timeout=60)
+    assert result.returncode == 1
+    assert f"esmail serve: cannot listen on 127.0.0.1:{port} ([{key}] listen): Address already in use" in result.stderr

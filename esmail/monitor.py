@@ -1,0 +1,73 @@
+"""`[http] listen`: `/healthz` for a load balancer or uptime check, `/metrics` for Prometheus.
+
+Off by default. Health is 200 only when mail can be taken and kept: the SMTP
+port listens, a message could be spooled now, and the last write to
+storage succeeded (or none was needed yet); otherwise 503 with the reasons.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from typing import TYPE_CHECKING
+
+from aiohttp import web
+from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
+
+from esmail import metrics
+from esmail.errors import CannotListen, TemporaryFailure
+
+if TYPE_CHECKING:
+    from esmail.daemon import Daemon
+
+
+class Monitor:
+    def __init__(self, daemon: "Daemon"):
+        self.daemon = daemon
+        app = web.Application()
+        app.router.add_get("/healthz", self.healthz)
+        app.router.add_get("/metrics", self.metrics)
+        self.runner = web.AppRunner(app, access_log=None)
+        self.port: int | None = None
+
+    async def start(self) -> None:
+        host, port = self.daemon.config.http.listen
+        await self.runner.setup()
+        site = web.TCPSite(self.runner, host, port, reuse_address=True)
+        try:
+            await site.start()
+        except OSError as exc:
+            raise CannotListen("[http] listen", self.daemon.config.http.listen, exc) from None
+        self.port = site._server.sockets[0].getsockname()[1]
+
+    async def stop(self) -> None:
+        await self.runner.cleanup()
+
+    async def healthz(self, request: web.Request) -> web.Response:
+        problems = await asyncio.to_thread(self.problems)
+        if problems:
+            return web.json_response({"status": "unhealthy", "problems": problems}, status=503)
+        return web.json_response({"status": "ok"})
+
+    def problems(self) -> list[str]:
+        """What stops esmail from taking mail and storing it now (empty: healthy)."""
+        found = []
+        if not self.daemon.smtp.listening:
+            found.append("the SMTP port is not listening")
+        try:
+            self.daemon.spool.check_writable()
+        except TemporaryFailure as exc:
+            found.append(str(exc))
+        if self.daemon.worker.store_error:
+            found.append(f"the last store write failed: {self.daemon.worker.store_error}")
+        return found
+
+    async def metrics(self, request: web.Request) -> web.Response:
+        body = await asyncio.to_thread(self._scrape)
+        return web.Response(body=body, headers={"Content-Type": CONTENT_TYPE_LATEST})
+
+    def _scrape(self) -> bytes:
+        spool = self.daemon.spool
+        metrics.SPOOL_DEPTH.set(len(spool.pending()))
+        metrics.SPOOL_OLDEST.set(spool.oldest_age())
+        metrics.SPOOL_FAILED.set(len(spool.failed_ids()))
+        return generate_latest(metrics.REGISTRY)
