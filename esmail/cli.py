@@ -15,7 +15,7 @@ from email.message import EmailMessage
 from email.utils import make_msgid
 from pathlib import Path
 
-from esmail import __version__, chain, config as config_module, mail
+from esmail import __version__, chain, config as config_module, logs, mail, report
 from esmail.config import Config
 from esmail.daemon import Daemon
 from esmail.errors import CannotListen, ConfigError, TemporaryFailure
@@ -30,16 +30,17 @@ log = logging.getLogger("esmail")
 def main(argv: list[str] | None = None) -> int:
     parser = _parser()
     args = parser.parse_args(argv)
-    level = getattr(args, "log_level", args.default_log_level)
-    logging.basicConfig(level=level.upper(), format="esmail: %(levelname)s %(name)s: %(message)s", stream=sys.stderr)
-    if level != "debug":  # aiosmtpd logs every command at INFO
-        logging.getLogger("mail.log").setLevel(logging.WARNING)
+    logs.setup(getattr(args, "log_level", args.default_log_level), getattr(args, "log_format", "text"))
     try:
         config = config_module.load(getattr(args, "config", None))
     except ConfigError as exc:
         print(f"esmail: config error: {exc}", file=sys.stderr)
         return 2
-    return args.run(config, args)
+    report.setup(config)
+    try:
+        return args.run(config, args)
+    finally:
+        report.flush()
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -49,6 +50,8 @@ def _parser() -> argparse.ArgumentParser:
                         help=f"TOML config file (default: ${config_module.CONFIG_ENV}, else the embedded default)")
     common.add_argument("--log-level", default=argparse.SUPPRESS, choices=["debug", "info", "warning", "error"],
                         help="default: info for serve, warning for the others")
+    common.add_argument("--log-format", default=argparse.SUPPRESS, choices=["text", "json"],
+                        help="text (default): one readable line per event; json: one JSON object per line, for log shippers")
     parser = argparse.ArgumentParser(prog="esmail", description="Receive data feeds by email and store them as clean UTF-8 CSV.", parents=[common])
     parser.add_argument("--version", action="version", version=f"esmail {__version__}")
     parser.set_defaults(default_log_level="warning")

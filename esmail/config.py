@@ -96,6 +96,11 @@ class WorkerConfig:
 
 
 @dataclass(frozen=True)
+class RollbarConfig:
+    endpoint: str = "https://api.rollbar.com/api/1/"  # the token is a secret: ROLLBAR_ACCESS_TOKEN
+
+
+@dataclass(frozen=True)
 class HttpConfig:
     listen: Address | None = None  # /healthz and /metrics; None: off
 
@@ -142,6 +147,7 @@ class Config:
     csv: CsvConfig = CsvConfig()
     links: LinksConfig = LinksConfig()
     http: HttpConfig = HttpConfig()
+    rollbar: RollbarConfig = RollbarConfig()
     secrets: Mapping[str, str] = field(default_factory=dict, repr=False)
     source: Path | None = None
 
@@ -264,10 +270,11 @@ _SCHEMA: dict[str, dict[str, tuple[Any, str]]] = {
         "attempts": (_at_least_one, "at least 1 (a whole number of tries)"),
     },
     "http": {"listen": (parse_address, 'an address and port such as "127.0.0.1:9025"')},
+    "rollbar": {"endpoint": (_str, 'the API URL, "https://api.rollbar.com/api/1/" unless you run your own')},
 }
 _SECTIONS = {
     "smtp": SmtpConfig, "storage": StorageConfig, "buckets": Buckets, "spool": SpoolConfig,
-    "worker": WorkerConfig, "csv": CsvConfig, "links": LinksConfig, "http": HttpConfig,
+    "worker": WorkerConfig, "csv": CsvConfig, "links": LinksConfig, "http": HttpConfig, "rollbar": RollbarConfig,
 }
 
 

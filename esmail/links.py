@@ -27,6 +27,10 @@ _RETRY_STATUS = {408, 429, 500, 502, 503, 504}
 class LinkFailed(Exception):
     """A link that gave nothing to store; the message is finished without it."""
 
+    def __init__(self, reason: str, url: str = ""):
+        super().__init__(f"{url}: {reason}" if url else reason)
+        self.url = url
+
 
 class _Transient(Exception):
     """Worth another try: a timeout, a dropped connection, a 5xx."""
@@ -67,10 +71,10 @@ async def _with_retries(session: aiohttp.ClientSession, url: str, config: LinksC
         try:
             return await _download(session, url, config)
         except LinkFailed as exc:
-            return LinkFailed(f"{url}: {exc}")
+            return LinkFailed(str(exc), url)
         except _Transient as exc:
             if attempt == config.attempts:
-                return LinkFailed(f"{url}: {exc} (after {attempt} attempts)")
+                return LinkFailed(f"{exc} (after {attempt} attempts)", url)
             await asyncio.sleep(2 ** (attempt - 1))
     raise AssertionError("unreachable")
 

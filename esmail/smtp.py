@@ -20,7 +20,7 @@ from typing import Callable
 
 from aiosmtpd.smtp import SMTP, Envelope as SmtpEnvelope, Session as SmtpSession
 
-from esmail import metrics
+from esmail import metrics, report
 from esmail.config import SmtpConfig
 from esmail.errors import CannotListen, ConfigError, TemporaryFailure
 from esmail.keys import domain_of, prefix_of
@@ -109,15 +109,18 @@ class Receiver:
         except TemporaryFailure as exc:
             log.error("refusing a message from %s (451): %s", client, exc)
             return "451 4.3.0 Cannot queue the message now; please try again later"
-        log.info("%s: queued %d bytes from %s <%s> for %s", spooled.id, len(raw), client, envelope.mail_from, ",".join(spooled.folders))
+        log.info("%s: queued %d bytes from %s <%s> for %s", spooled.id, len(raw), client, envelope.mail_from, ",".join(spooled.folders),
+                 extra={"spool_id": spooled.id, "client": client, "sender": envelope.mail_from, "prefixes": list(spooled.folders), "size": len(raw)})
         try:
             self.on_spooled(spooled.id)
         except Exception:  # the message is safe in the spool (the worker's scan finds it): the answer is 250 whatever happens here
             log.exception("%s: cannot hand the message to the worker now", spooled.id)
+            report.exception("cannot hand a spooled message to the worker", spool_id=spooled.id)
         return f"250 2.0.0 Ok: queued as {spooled.id}"
 
     async def handle_exception(self, error: Exception) -> str:
         log.error("SMTP session error: %s: %s", type(error).__name__, error, exc_info=error)
+        report.exception("unexpected error in an SMTP session", error)
         return INTERNAL_ERROR
 
 

@@ -17,7 +17,7 @@ from concurrent.futures import ProcessPoolExecutor
 from concurrent.futures.process import BrokenProcessPool
 from dataclasses import dataclass, replace
 
-from esmail import links, mail, metrics
+from esmail import links, mail, metrics, report
 from esmail.chain import INBOX, UNPROCESSABLE, Output, route
 from esmail.config import Config
 from esmail.errors import TemporaryFailure
@@ -88,28 +88,40 @@ class Worker:
         except TemporaryFailure:
             raise
         except Exception as exc:  # the message itself broke the parser: keep it whole, in failed/ too
-            return await self._give_up(envelope, raw, f"cannot process the message: {type(exc).__name__}: {exc}")
+            return await self._give_up(envelope, raw, f"cannot process the message: {type(exc).__name__}: {exc}", started)
         outputs = converted.outputs
         if converted.links and envelope.folders:
             outputs = await self._in_pool(route_all, await self._download(envelope, converted.links), self.config.csv.ascii_only)
         stored = []
         if not envelope.folders:
             log.warning("%s: no usable recipient; the message goes whole to unprocessable", entry_id)
+            report.problem("a message with no usable recipient went to unprocessable", "warning", spool_id=entry_id)
             for bucket in (INBOX, UNPROCESSABLE):
-                stored.append(await self._put(bucket, f"{self._message_folders(envelope)[0]}/{entry_id}.eml", raw, "message/rfc822"))
+                stored.append(await self._put(entry_id, bucket, f"{self._message_folders(envelope)[0]}/{entry_id}.eml", raw, "message/rfc822"))
         for prefix, folder in envelope.folders.items():
-            stored.append(await self._put(INBOX, f"{prefix}/{folder}/{entry_id}.eml", raw, "message/rfc822"))
+            stored.append(await self._put(entry_id, INBOX, f"{prefix}/{folder}/{entry_id}.eml", raw, "message/rfc822"))
             for out in outputs:
-                stored.append(await self._put(out.bucket, f"{prefix}/{folder}/{out.name}", out.data, out.content_type))
+                stored.append(await self._put(entry_id, out.bucket, f"{prefix}/{folder}/{out.name}", out.data, out.content_type, out.rule))
                 if out.reason:
                     log.warning("%s: %s/%s/%s is unprocessable: %s", entry_id, prefix, folder, out.name, out.reason)
-                else:
-                    log.info("%s: %s (%s)", entry_id, stored[-1], out.rule)
+                    report.problem("a file went to unprocessable", "warning", prefix=prefix, key=stored[-1].key,
+                                   reason=out.reason, spool_id=entry_id)
         self.spool.done(entry_id)
         metrics.MESSAGES.labels("stored").inc()
-        skipped = f" ({converted.inline_images} inline images skipped)" if converted.inline_images else ""
-        log.info("%s: %d objects stored for %s in %.2fs%s", entry_id, len(stored), ",".join(envelope.folders) or NO_PREFIX, time.monotonic() - started, skipped)
+        self._log_message(envelope, len(raw), "stored", started, objects=len(stored), inline_images=converted.inline_images)
         return stored
+
+    @staticmethod
+    def _log_message(envelope: Envelope, size: int, outcome: str, started: float, objects: int = 0, inline_images: int = 0) -> None:
+        """The one line per message: who sent what to whom, and how it ended."""
+        seconds = round(time.monotonic() - started, 3)
+        prefixes = list(envelope.folders) or [NO_PREFIX]
+        skipped = f", {inline_images} inline images skipped" if inline_images else ""
+        log.log(logging.INFO if outcome == "stored" else logging.ERROR,
+                "%s: %s; from %s <%s> for %s, %d bytes, %d objects, %.2fs%s", envelope.id, outcome, envelope.client or envelope.origin,
+                envelope.sender, ",".join(prefixes), size, objects, seconds, skipped,
+                extra={"spool_id": envelope.id, "client": envelope.client, "sender": envelope.sender, "prefixes": prefixes,
+                       "size": size, "outcome": outcome, "objects": objects, "seconds": seconds})
 
     async def _in_pool(self, function, *args):
         """`function(*args)` in the conversion pool; a dead pool process is a temporary failure, and the pool is renewed."""
@@ -132,6 +144,7 @@ class Worker:
             metrics.LINK_DOWNLOADS.labels("failed" if isinstance(result, links.LinkFailed) else "ok").inc()
             if isinstance(result, links.LinkFailed):
                 log.error("%s: link download failed for %s: %s", envelope.id, prefixes, result)
+                report.problem("a link download failed", link=result.url, prefix=prefixes, reason=str(result), spool_id=envelope.id)
             else:
                 log.info("%s: downloaded %s as %s (%d bytes)", envelope.id, result.url, result.name, len(result.data))
                 files.append((result.name, result.data))
@@ -147,6 +160,7 @@ class Worker:
         except Exception as exc:  # TemporaryFailure (storage, spool), or a bug: both get the same bounded retries
             if not isinstance(exc, TemporaryFailure):
                 log.exception("%s: unexpected error", entry_id)
+                report.exception("unexpected error while processing a spool entry", spool_id=entry_id)
             state = self.spool.record_attempt(entry_id, f"{type(exc).__name__}: {exc}" if not isinstance(exc, TemporaryFailure) else str(exc))
             if state.attempts >= self.config.worker.max_attempts:
                 envelope, raw = self.spool.load(entry_id)
@@ -157,18 +171,21 @@ class Worker:
             log.warning("%s: attempt %d of %d failed (%s); next in %.0fs", entry_id, state.attempts, self.config.worker.max_attempts, exc, delay)
             return delay
 
-    async def _give_up(self, envelope: Envelope, raw: bytes, reason: str) -> list[Stored]:
+    async def _give_up(self, envelope: Envelope, raw: bytes, reason: str, started: float | None = None) -> list[Stored]:
         """A permanent failure: the raw message to inbox and unprocessable (when storage lets us), the entry to failed/."""
         log.error("%s: %s", envelope.id, reason)
+        report.problem("a message failed for good: its raw copy went to unprocessable, its entry to failed/",
+                       prefix=",".join(envelope.folders) or NO_PREFIX, reason=reason, spool_id=envelope.id)
         stored = []
         try:
             for folder in self._message_folders(envelope):
                 for bucket in (INBOX, UNPROCESSABLE):
-                    stored.append(await self._put(bucket, f"{folder}/{envelope.id}.eml", raw, "message/rfc822"))
+                    stored.append(await self._put(envelope.id, bucket, f"{folder}/{envelope.id}.eml", raw, "message/rfc822"))
         except TemporaryFailure as exc:
             log.error("%s: cannot store the raw message either (%s); it is kept in %s", envelope.id, exc, self.spool.failed)
         self.spool.fail(envelope.id, reason)
         metrics.MESSAGES.labels("failed").inc()
+        self._log_message(envelope, len(raw), "failed", started or time.monotonic(), objects=len(stored))
         return stored
 
     @staticmethod
@@ -177,7 +194,8 @@ class Worker:
             return [f"{prefix}/{folder}" for prefix, folder in envelope.folders.items()]
         return [f"{NO_PREFIX}/{envelope.received_at:%Y%m%d-%H%M%S}"]
 
-    async def _put(self, logical: str, key: str, data: bytes, content_type: str) -> Stored:
+    async def _put(self, entry_id: str, logical: str, key: str, data: bytes, content_type: str, rule: str = "") -> Stored:
+        """Store one object, and log it with the rule that routed it."""
         bucket = self.config.buckets.named(logical)
         try:
             written = await self.store.put(bucket, key, data, content_type)
@@ -187,6 +205,8 @@ class Worker:
         self.store_error = None
         metrics.OBJECTS.labels(logical).inc()
         metrics.STORED_BYTES.labels(logical).inc(len(data))
+        log.info("%s: stored %s/%s, %d bytes%s", entry_id, bucket, written, len(data), f" ({rule})" if rule else "",
+                 extra={"spool_id": entry_id, "bucket": bucket, "key": written, "bytes": len(data), "rule": rule})
         return Stored(bucket, written, len(data))
 
     async def process_with_retries(self, entry_id: str, attempts: int, first_delay: float = 1.0) -> list[Stored]:
@@ -257,6 +277,7 @@ class Scheduler:
             delay = await self.worker.attempt(entry_id)
         except Exception:  # the spool itself failed us (a full or broken disk): keep the entry, look again later
             log.exception("%s: cannot record the outcome in the spool", entry_id)
+            report.exception("cannot record an entry's outcome in the spool", spool_id=entry_id)
             delay = MAX_BACKOFF
         finally:
             slots.release()

@@ -174,7 +174,7 @@ class Server:
     """`esmail serve` as its own process, as systemd would run it."""
 
     def __init__(self, config: Config, tmp_path, smtp: str = "", tables: str = ""):
-        """`smtp`: more [smtp] keys; `tables`: more TOML tables, appended."""
+        """`smtp`: more [smtp] keys; `tables`: appended after [worker] (so bare keys land in it), then more tables."""
         self.port = free_port()
         self.toml = tmp_path / "esmail.toml"
         self.toml.write_text(config_toml(config) + f'min_free = 0\n[smtp]\nlisten = "127.0.0.1:{self.port}"\n{smtp}\n'

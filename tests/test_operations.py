@@ -1,6 +1,8 @@
 """Running esmail as a service: the systemd unit and the notify protocol, as systemd would see them."""
 
+import http.server
 import json
+import os
 import shutil
 import signal
 import smtplib
@@ -8,10 +10,12 @@ import socket
 import ssl
 import subprocess
 import sys
+import threading
 import time
 import urllib.error
 import urllib.request
 from dataclasses import replace
+from email.message import EmailMessage
 from pathlib import Path
 
 import pytest
@@ -187,3 +191,109 @@ def test_a_port_that_cannot_be_bound_names_its_key(tmp_path, key):
         result = subprocess.run([sys.executable, "-m", "esmail", "--config", str(toml), "serve"], capture_output=True, text=True, timeout=60)
     assert result.returncode == 1
     assert f"esmail serve: cannot listen on 127.0.0.1:{port} ([{key}] listen): Address already in use" in result.stderr
+
+
+class Recorder(http.server.ThreadingHTTPServer):
+    """A stand-in for Rollbar's API (and a portal whose links are gone): records every JSON body POSTed."""
+
+    def __init__(self):
+        self.items: list[dict] = []
+        recorder = self
+
+        class Handler(http.server.BaseHTTPRequestHandler):
+            def do_POST(self):
+                body = self.rfile.read(int(self.headers["Content-Length"]))
+                recorder.items.append({"path": self.path, "token": self.headers.get("X-Rollbar-Access-Token"), "json": json.loads(body)})
+                self.send_response(200)
+                self.send_header("Content-Type", "application/json")
+                self.end_headers()
+                self.wfile.write(b'{"err": 0, "result": {"uuid": "0"}}')
+
+            def do_GET(self):
+                self.send_error(404)
+
+            def log_message(self, *args):
+                pass
+
+        super().__init__(("127.0.0.1", 0), Handler)
+        self.url = f"http://127.0.0.1:{self.server_address[1]}"
+        threading.Thread(target=self.serve_forever, daemon=True).start()
+
+    def reports(self, timeout: float = 30) -> list[dict]:
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline and not self.items:
+            time.sleep(0.05)
+        return self.items
+
+
+def test_problems_are_reported_to_rollbar_without_bodies(tmp_path):
+    recorder = Recorder()
+    port = free_port()
+    toml = tmp_path / "esmail.toml"
+    toml.write_text(f'stage = "staging"\n[storage]\npath = "{tmp_path / "data"}"\n[spool]\npath = "{tmp_path / "spool"}"\nmin_free = 0\n'
+                    f'[smtp]\nlisten = "127.0.0.1:{port}"\n[worker]\nprocesses = 1\n[rollbar]\nendpoint = "{recorder.url}/api/1/"\n'
+                    f"[links]\npatterns = ['http://127\\.0\\.0\\.1:{recorder.server_address[1]}/[a-z]+']\n")
+    serve = subprocess.Popen([sys.executable, "-m", "esmail", "--config", str(toml), "--log-format", "json", "serve"],
+                             stderr=subprocess.PIPE, text=True, env={**os.environ, "ROLLBAR_ACCESS_TOKEN": "test-token"})
+    try:
+        deadline = time.monotonic() + 30
+        while True:
+            try:
+                client = smtplib.SMTP("127.0.0.1", port, timeout=30)
+                break
+            except OSError:
+                assert time.monotonic() < deadline and serve.poll() is None, f"esmail serve did not start: {serve.stderr.read()}"
+                time.sleep(0.05)
+        with client:
+            client.sendmail("a@b.org", ["sheffield@x.org"], feed(csv=b"SECRET-ATTACHMENT-BYTES", name="photo.jpg"))
+            link = EmailMessage()
+            link["To"] = "npower@x.org"
+            link.set_content(f"SECRET-BODY-TEXT {recorder.url}/gone")
+            client.sendmail("a@b.org", ["npower@x.org"], bytes(link))
+        deadline = time.monotonic() + 30
+        while len(recorder.items) < 2 and time.monotonic() < deadline:
+            time.sleep(0.05)
+    finally:
+        serve.terminate()
+        _, stderr = serve.communicate(timeout=60)
+    items = recorder.items
+    assert {item["path"] for item in items} == {"/api/1/item/"} and {item["token"] for item in items} == {"test-token"}
+    data = {item["json"]["data"]["body"]["message"]["body"]: item["json"]["data"] for item in items}
+    unprocessable = data["a file went to unprocessable"]
+    assert unprocessable["environment"] == "staging" and unprocessable["level"] == "warning"
+    assert unprocessable["body"]["message"]["prefix"] == "sheffield"
+    assert unprocessable["body"]["message"]["key"].startswith("sheffield/") and unprocessable["body"]["message"]["key"].endswith("/photo.jpg")
+    assert unprocessable["body"]["message"]["reason"] == "no conversion for .jpg"
+    failed_link = data["a link download failed"]
+    assert failed_link["level"] == "error" and failed_link["body"]["message"]["link"] == f"{recorder.url}/gone"
+    assert failed_link["body"]["message"]["prefix"] == "npower"
+    sent = json.dumps([item["json"] for item in items])
+    assert "SECRET-BODY-TEXT" not in sent and "SECRET-ATTACHMENT-BYTES" not in sent
+    # --log-format json: one object per line, the message line with its fields
+    lines = [json.loads(line) for line in stderr.splitlines() if line.startswith("{")]
+    assert len(lines) == len(stderr.splitlines())
+    [stored] = [line for line in lines if line.get("outcome") == "stored" and line.get("prefixes") == ["sheffield"]]
+    assert stored["sender"] == "a@b.org" and stored["client"] == "127.0.0.1" and stored["objects"] == 2 and stored["size"] > 0
+    [inbox] = [line for line in lines if line.get("bucket") == "es-staging-data-inbox" and line["key"].startswith("npower/")]
+    assert inbox["spool_id"] in inbox["key"] and inbox["bytes"] > 0
+
+
+def test_a_message_out_of_retries_is_reported(tmp_path):
+    recorder = Recorder()
+    config = Config(storage=StorageConfig(backend="s3", endpoint_url=f"http://127.0.0.1:{free_port()}", region="eu-west-2"),
+                    spool=SpoolConfig(path=tmp_path / "spool"))
+    server = Server(config, tmp_path, tables=f'max_attempts = 1\n[rollbar]\nendpoint = "{recorder.url}/api/1/"\n')
+    server.start(ROLLBAR_ACCESS_TOKEN="test-token")
+    try:
+        with smtplib.SMTP("127.0.0.1", server.port, timeout=30) as client:
+            client.sendmail("a@b.org", ["sheffield@x.org"], feed())
+        [item] = recorder.reports()
+    finally:
+        assert server.terminate() == 0
+    data = item["json"]["data"]
+    assert data["level"] == "error" and data["environment"] == "development"
+    assert data["body"]["message"]["body"] == "a message failed for good: its raw copy went to unprocessable, its entry to failed/"
+    assert data["body"]["message"]["prefix"] == "sheffield"
+    assert data["body"]["message"]["reason"].startswith("gave up after 1 attempts; the last error: ")
+    spool_id = data["body"]["message"]["spool_id"]
+    assert (tmp_path / "spool" / "failed" / f"{spool_id}.msg").exists()

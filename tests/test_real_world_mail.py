@@ -59,7 +59,7 @@ async def test_an_xls_that_is_an_html_table_becomes_its_csv(config, store, caplo
         assert await amr_data_of(config, store, message(("export.xls", page))) == {
             f"{FOLDER}/export.xls.csv": '"MPAN","Date","kWh",\n"2200013680374","15/03/2023","1.5","£2 & ""more"""\n,"café\nline two",,\n'.encode(),
         }
-    assert "sheffield/20250323-101112/export.xls.csv\t93 (html table, named .xls)" in caplog.text  # the rule that decided
+    assert "sheffield/20250323-101112/export.xls.csv, 93 bytes (html table, named .xls)" in caplog.text  # the rule that decided
 
 
 async def test_an_xls_or_xlsx_that_is_csv_or_tab_separated_text_becomes_normalised_text(config, store):
@@ -141,7 +141,7 @@ async def test_inline_signature_images_are_skipped_not_unprocessable(config, sto
     with caplog.at_level("INFO", logger="esmail.worker"):
         assert await amr_data_of(config, store, bytes(msg)) == {f"{FOLDER}/export.csv": b"a,b\n"}
     assert await bucket_contents(store, config.buckets.unprocessable) == {f"{FOLDER}/chart.png": PNG}
-    assert "(2 inline images skipped)" in caplog.text
+    assert "3 objects, " in caplog.text and ", 2 inline images skipped" in caplog.text
 
 
 async def test_a_message_forwarded_as_an_attachment_gives_its_files(config, store):
