@@ -39,6 +39,9 @@ def main(argv: list[str] | None = None) -> int:
     report.setup(config)
     try:
         return args.run(config, args)
+    except Exception:  # a bug: reported, then the usual traceback and exit 1 (systemd restarts serve)
+        report.exception("esmail crashed")
+        raise
     finally:
         report.flush()
 
