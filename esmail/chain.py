@@ -52,8 +52,31 @@ class Output:
         return "text/csv; charset=utf-8" if self.bucket == AMR_DATA else "application/octet-stream"
 
 
-def route(name: str, data: bytes, ascii_only: bool = False, depth: int = 1) -> list[Output]:
+class _Budget:
+    """What one attached file may expand to, counted across every archive nested in it (the 42.zip shape)."""
+
+    def __init__(self) -> None:
+        self.files = MAX_ZIP_ENTRIES
+        self.bytes = MAX_ZIP_TOTAL
+
+    def take_files(self, n: int) -> None:
+        self.files -= n
+        if self.files < 0:
+            raise _OverBudget(f"over {MAX_ZIP_ENTRIES:,} files inside, nested archives included")
+
+    def take_bytes(self, n: int) -> None:
+        self.bytes -= n
+        if self.bytes < 0:
+            raise _OverBudget(f"expands to over {MAX_ZIP_TOTAL:,} bytes, nested archives included")
+
+
+class _OverBudget(Unprocessable):
+    """A limit of a whole attached file: that file, not the archive deep inside it, goes to unprocessable."""
+
+
+def route(name: str, data: bytes, ascii_only: bool = False, depth: int = 1, budget: _Budget | None = None) -> list[Output]:
     """Route one file by what it is (kinds.identify); depth 1 is a file attached to the message."""
+    budget = budget or _Budget()
     kind, rule = identify(name, data)
     try:
         if kind == TEXT:
@@ -64,10 +87,14 @@ def route(name: str, data: bytes, ascii_only: bool = False, depth: int = 1) -> l
         if kind == HTML:
             return [Output(AMR_DATA, _csv_name(name), normalise(html_table.to_csv(data), ascii_only), rule=rule)]
         if kind == ZIP:
-            return _unzip(name, data, ascii_only, depth)
+            return _unzip(name, data, ascii_only, depth, budget)
         if kind == TNEF:
-            return _untnef(name, data, ascii_only, depth)
+            return _untnef(name, data, ascii_only, depth, budget)
         raise Unprocessable(rule)
+    except _OverBudget as exc:
+        if depth > 1:
+            raise
+        reason = str(exc)
     except Unprocessable as exc:
         reason = str(exc)
     except Exception as exc:  # a library failing on bad input must not lose the file
@@ -80,7 +107,7 @@ def _csv_name(name: str) -> str:
     return name if extension(name) == ".csv" else name + ".csv"
 
 
-def _untnef(name: str, data: bytes, ascii_only: bool, depth: int) -> list[Output]:
+def _untnef(name: str, data: bytes, ascii_only: bool, depth: int, budget: _Budget) -> list[Output]:
     """Outlook's winmail.dat: each file inside routed again, at the message's folder like a zip's entries."""
     if depth > MAX_ZIP_DEPTH:
         raise Unprocessable(f"a TNEF file nested {depth} deep (the limit is {MAX_ZIP_DEPTH})")
@@ -88,11 +115,14 @@ def _untnef(name: str, data: bytes, ascii_only: bool, depth: int) -> list[Output
     files = [att for att in wrapped.attachments if att.data]
     if not files:
         raise Unprocessable("a TNEF (winmail.dat) file with no attachments")
+    budget.take_files(len(files))
+    budget.take_bytes(sum(len(att.data) for att in files))
     folder = dirname(name)
-    return [out for att in files for out in route(join(folder, safe_path(att.long_filename() or "attachment")), att.data, ascii_only, depth + 1)]
+    return [out for att in files
+            for out in route(join(folder, safe_path(att.long_filename() or "attachment")), att.data, ascii_only, depth + 1, budget)]
 
 
-def _unzip(name: str, data: bytes, ascii_only: bool, depth: int) -> list[Output]:
+def _unzip(name: str, data: bytes, ascii_only: bool, depth: int, budget: _Budget) -> list[Output]:
     """Each entry routed again at the zip's folder; the whole zip is unprocessable if a limit is hit."""
     if depth > MAX_ZIP_DEPTH:
         raise Unprocessable(f"a zip nested {depth} deep (the limit is {MAX_ZIP_DEPTH})")
@@ -101,32 +131,28 @@ def _unzip(name: str, data: bytes, ascii_only: bool, depth: int) -> list[Output]
     except (zipfile.BadZipFile, OSError, ValueError) as exc:
         raise Unprocessable(f"not a readable zip: {exc}") from None
     entries = [info for info in archive.infolist() if not info.is_dir()]
-    if len(entries) > MAX_ZIP_ENTRIES:
-        raise Unprocessable(f"the zip has {len(entries):,} entries (the limit is {MAX_ZIP_ENTRIES:,})")
+    budget.take_files(len(entries))
     folder = dirname(name)
     outputs: list[Output] = []
-    total = 0
     for info in entries:
         if stat.S_ISLNK(info.external_attr >> 16):
             raise Unprocessable(f"the zip entry {info.filename!r} is a symbolic link")
-        entry = _read_entry(archive, info, MAX_ZIP_TOTAL - total)
-        total += len(entry)
-        outputs.extend(route(join(folder, safe_path(info.filename)), entry, ascii_only, depth + 1))
+        entry = _read_entry(archive, info, budget)
+        outputs.extend(route(join(folder, safe_path(info.filename)), entry, ascii_only, depth + 1, budget))
     return outputs
 
 
-def _read_entry(archive: zipfile.ZipFile, info: zipfile.ZipInfo, budget: int) -> bytes:
+def _read_entry(archive: zipfile.ZipFile, info: zipfile.ZipInfo, budget: _Budget) -> bytes:
     """An entry's bytes, read in chunks so that a lying header cannot make us hold more than the limits."""
-    if info.file_size > budget:
-        raise Unprocessable(f"the zip expands to over {MAX_ZIP_TOTAL:,} bytes")
+    if info.file_size > budget.bytes:  # the header admits it already
+        budget.take_bytes(info.file_size)
     limit_ratio = MAX_ZIP_RATIO * max(info.compress_size, 1)
     parts, size = [], 0
     try:
         with archive.open(info) as stream:
             while chunk := stream.read(_CHUNK):
                 size += len(chunk)
-                if size > budget:
-                    raise Unprocessable(f"the zip expands to over {MAX_ZIP_TOTAL:,} bytes")
+                budget.take_bytes(len(chunk))
                 if size > RATIO_CHECK_FROM and size > limit_ratio:
                     raise Unprocessable(f"the zip entry {info.filename!r} expands over {MAX_ZIP_RATIO}:1 (a zip bomb?)")
                 parts.append(chunk)

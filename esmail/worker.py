@@ -28,6 +28,7 @@ from esmail.store import Store
 log = logging.getLogger(__name__)
 
 NO_PREFIX = "unknown"
+MAX_FILES = 1_000  # attached files in one message
 MAX_BACKOFF = 600.0  # seconds: a storage outage is retried at least every 10 minutes
 
 
@@ -39,12 +40,25 @@ class Converted:
 
 
 def convert(raw: bytes, ascii_only: bool = False, link_patterns: tuple[str, ...] = ()) -> Converted:
-    """Every output of one message's attachments, or, with none, the links in its body."""
-    msg = mail.parse(raw)
-    found = mail.attachments(msg)
+    """Every output of one message's attachments, or, with none, the links in its body.
+
+    A message past the MIME limits (parts nested too deep to parse, more than
+    MAX_FILES files) is one unprocessable file, `message.eml`, the raw bytes.
+    """
+    try:
+        msg = mail.parse(raw)
+        found = mail.attachments(msg)
+    except RecursionError:
+        return _whole_message(raw, "MIME parts nested too deep to parse")
     files = [(att.name, att.data) for att in found if not att.inline_image]
+    if len(files) > MAX_FILES:
+        return _whole_message(raw, f"{len(files):,} attached files, over the limit of {MAX_FILES:,}")
     found_links = [] if files else links.find(mail.body_text(msg), link_patterns)
     return Converted(route_all(files, ascii_only), found_links, len(found) - len(files))
+
+
+def _whole_message(raw: bytes, reason: str) -> Converted:
+    return Converted([Output(UNPROCESSABLE, "message.eml", raw, reason, "message")], [], 0)
 
 
 def route_all(files: list[tuple[str, bytes]], ascii_only: bool = False) -> list[Output]:
