@@ -9,11 +9,14 @@ size; timeouts, dropped connections and 5xx answers are retried a few times.
 from __future__ import annotations
 
 import asyncio
+import ipaddress
 import re
+import socket
 from dataclasses import dataclass
 from urllib.parse import urljoin, urlsplit
 
 import aiohttp
+from aiohttp.abc import ResolveResult
 
 from esmail.config import LinksConfig
 from esmail.keys import safe_path
@@ -59,10 +62,41 @@ def origin(url: str) -> tuple[str, str, int]:
     return scheme, (parts.hostname or "").lower(), parts.port or (443 if scheme == "https" else 80)
 
 
+class _NotPublic(OSError):
+    """A host name that resolves to no public address."""
+
+
+class PublicResolver(aiohttp.ThreadedResolver):
+    """Host names resolve to public addresses only.
+
+    A pattern's host name cannot lead to loopback, a private network or a
+    cloud metadata service (169.254.169.254), even if its DNS says so; an
+    address written in a pattern is the operator's explicit choice and is not
+    looked up at all. aiohttp connects to the addresses returned here, so a
+    second, different answer (DNS rebinding) is never asked for.
+    """
+
+    async def resolve(self, host: str, port: int = 0, family: socket.AddressFamily = socket.AF_INET) -> list[ResolveResult]:
+        results = await super().resolve(host, port, family)
+        public = [r for r in results if is_public(r["host"])]
+        if not public:
+            found = ", ".join(r["host"] for r in results)
+            raise _NotPublic(f"{host} resolves to {found}, not a public address; write the address itself in the [links] pattern to allow it")
+        return public
+
+
+def is_public(address: str) -> bool:
+    ip = ipaddress.ip_address(address)
+    if isinstance(ip, ipaddress.IPv6Address) and ip.ipv4_mapped:
+        ip = ip.ipv4_mapped
+    return ip.is_global
+
+
 async def download_all(urls: list[str], config: LinksConfig) -> list[Download | LinkFailed]:
     """Each link's download, or why it failed (in the same order)."""
     timeout = aiohttp.ClientTimeout(total=config.timeout)
-    async with aiohttp.ClientSession(timeout=timeout) as session:
+    connector = aiohttp.TCPConnector(resolver=PublicResolver())
+    async with aiohttp.ClientSession(timeout=timeout, connector=connector) as session:
         return [await _with_retries(session, url, config) for url in urls]
 
 
@@ -94,6 +128,10 @@ async def _download(session: aiohttp.ClientSession, link: str, config: LinksConf
                 return await _read(response, config.max_bytes)
         except asyncio.TimeoutError:
             raise _Transient(f"no complete answer within {config.timeout:g}s") from None
+        except aiohttp.ClientConnectorError as exc:
+            if isinstance(exc.os_error, _NotPublic):
+                raise LinkFailed(str(exc.os_error)) from None
+            raise _Transient(f"{type(exc).__name__}: {exc}") from None
         except aiohttp.ClientError as exc:
             raise _Transient(f"{type(exc).__name__}: {exc}") from None
     raise LinkFailed(f"more than {MAX_REDIRECTS} redirects")

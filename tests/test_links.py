@@ -14,6 +14,7 @@ from aiohttp import web
 from conftest import bucket_contents, ingest
 from esmail import mail
 from esmail.config import IMSERV_LINK, ConfigError, LinksConfig, load
+from esmail.links import is_public
 
 FOLDER = "sheffield/20250323-101112"
 SEED = Path(__file__).parents[2] / "shared" / "seed-samples"
@@ -60,6 +61,12 @@ class Portal:
             for _ in range(100):
                 await response.write(b"x" * 1000)
             return response
+        if path == "/trickle":  # an endless body, one byte at a time
+            response = web.StreamResponse()
+            await response.prepare(request)
+            while True:
+                await response.write(b"x")
+                await asyncio.sleep(0.05)
         if path == "/away":
             raise web.HTTPFound(f"http://localhost:{self.port}/plain.csv")
         if path == "/hop":
@@ -122,6 +129,7 @@ async def test_a_link_without_content_disposition_is_named_after_its_url(config,
     ("/big", "over [links] max_bytes (50,000 bytes)"),
     ("/away", "redirected to http://localhost:{port}/plain.csv, not on a scheme, host and port that a [links] pattern names"),
     ("/slow", "no complete answer within 0.5s (after 1 attempts)"),
+    ("/trickle", "no complete answer within 0.5s (after 1 attempts)"),
 ])
 async def test_a_failed_download_is_logged_and_stores_nothing(config, store, portal, caplog, path, error):
     config = with_links(config, portal, max_bytes=50_000, timeout=0.5, attempts=1)
@@ -196,3 +204,24 @@ async def test_the_old_pipelines_imserv_link_gives_the_old_key(config, store, po
         "data/20250323-101112/WC-EnergySparksLast7Days_161120212207.csv": b"MPAN,kWh\n2200013680374,1.5\n",
     }
     assert portal.hits == {"/imgserver/InternalImage.aspx": 1}
+
+
+@local_only
+async def test_a_host_name_that_resolves_to_a_private_address_is_refused(config, store, portal, caplog):
+    """`localhost` named in a pattern still resolves to loopback: refused at once, not retried; only a written address is trusted."""
+    config = replace(config, links=LinksConfig(patterns=(rf"http://localhost:{portal.port}/[a-z.]+",), attempts=3))
+    with caplog.at_level(logging.ERROR, logger="esmail.worker"):
+        await ingest(config, store, linking(f"http://localhost:{portal.port}/plain.csv"), ["sheffield"])
+    assert portal.hits == {} and await bucket_contents(store, config.buckets.amr_data) == {}
+    assert (f"http://localhost:{portal.port}/plain.csv: localhost resolves to 127.0.0.1, not a public address; "
+            "write the address itself in the [links] pattern to allow it") in caplog.text
+
+
+@pytest.mark.parametrize("address, public", [
+    ("93.184.216.34", True), ("2a00:1450:4009:81d::200e", True),
+    ("127.0.0.1", False), ("10.0.0.5", False), ("172.16.3.4", False), ("192.168.1.1", False), ("100.64.0.1", False),
+    ("169.254.169.254", False), ("0.0.0.0", False), ("::1", False), ("fd00::1", False), ("fe80::1", False),
+    ("::ffff:127.0.0.1", False), ("::ffff:169.254.169.254", False),
+])
+def test_which_resolved_addresses_count_as_public(address, public):
+    assert is_public(address) is public
