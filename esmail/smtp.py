@@ -34,6 +34,7 @@ SHUTDOWN_GRACE = 30.0  # seconds a transaction in progress may take to finish at
 _SIZE_PARAM = re.compile(r"(?:^|\s)SIZE=(\d+)", re.IGNORECASE)
 
 INTERNAL_ERROR = "451 4.3.0 Internal error; please try again later"
+HANG_UP_GRACE = 5.0  # seconds a closing connection may take to drain its last replies
 SHUTTING_DOWN = "421 4.3.2 Service shutting down; please try again later"
 
 
@@ -134,6 +135,13 @@ class Connection(SMTP):
         self.server = server
         self.max_message_size = handler.config.max_message_size
         self._deadline: asyncio.TimerHandle | None = None
+        self._in_data = False
+
+    def data_received(self, data: bytes) -> None:
+        """In DATA every packet counts as activity: command_timeout is for silence, not for a slow but busy sender."""
+        super().data_received(data)
+        if self._in_data:
+            self._reset_timeout()
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         super().connection_made(transport)
@@ -156,7 +164,18 @@ class Connection(SMTP):
         if self.transport is not None and not self.transport.is_closing():
             log.info("%r: %s", self.session.peer if self.session else None, reply)
             self.transport.write(reply.encode() + b"\r\n")
-            self.transport.close()
+            self._hang_up()
+
+    def _timeout_cb(self) -> None:
+        log.info("%r: connection timed out", self.session.peer if self.session else None)
+        self._hang_up()
+
+    def _hang_up(self) -> None:
+        """Close after what is buffered is sent; a client that never reads its replies is cut off anyway."""
+        transport = self.transport
+        if transport is not None:
+            transport.close()
+            self.loop.call_later(HANG_UP_GRACE, transport.abort)
 
     async def smtp_DATA(self, arg: str) -> None:
         if await self.check_helo_needed() or await self.check_auth_needed("DATA"):
@@ -168,13 +187,16 @@ class Connection(SMTP):
             await self.push("501 5.5.4 Syntax: DATA")
             return
         await self.push("354 End data with <CR><LF>.<CR><LF>")
+        self._in_data = True
         try:
-            content = await read_data(self._reader, self.max_message_size, self._reset_timeout)
+            content = await read_data(self._reader, self.max_message_size)
         except asyncio.IncompleteReadError:  # the client went away mid-message: nothing was accepted
             self._set_post_data_state()
             if self.transport is not None:
                 self.transport.close()
             return
+        finally:
+            self._in_data = False
         if content is None:
             self._set_post_data_state()
             await self.push(counted("DATA", too_big(self.max_message_size)))
@@ -187,7 +209,7 @@ class Connection(SMTP):
         await self.push(status)
 
 
-async def read_data(reader: asyncio.StreamReader, limit: int, on_progress: Callable[[], None]) -> bytes | None:
+async def read_data(reader: asyncio.StreamReader, limit: int) -> bytes | None:
     """The message after DATA, up to `<CRLF>.<CRLF>`, dot-unstuffed (RFC 5321 §4.5.2).
 
     Read in large pieces rather than line by line. As in aiosmtpd, only
@@ -203,7 +225,6 @@ async def read_data(reader: asyncio.StreamReader, limit: int, on_progress: Calla
             chunk = await reader.readuntil(b".\r\n")
         except asyncio.LimitOverrunError as exc:  # no dot-CRLF in a buffer's worth: take what cannot hold one
             chunk = await reader.readexactly(exc.consumed)
-        on_progress()
         edge = tail + chunk[:2]  # a dot-stuffed line start or the end marker may straddle two reads
         size += len(chunk) - chunk.count(b"\r\n.") - edge.count(b"\r\n.")  # every line that starts with a dot carries one stuffed dot
         if size <= limit:

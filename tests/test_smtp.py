@@ -279,11 +279,11 @@ async def test_read_data_agrees_with_line_by_line_unstuffing(seed):
         step = rng.randint(1, 200)
         reader.feed_data(stuffed[position:position + step])
         position += step
-    assert await read_data(reader, len(message), lambda: None) == message
+    assert await read_data(reader, len(message)) == message
     assert await reader.readline() == b"NEXT COMMAND\r\n"  # nothing past the end marker was consumed
     again = asyncio.StreamReader(limit=64)
     again.feed_data(stuffed)
-    assert await read_data(again, len(message) - 1, lambda: None) is None  # one byte over: refused, read to the end
+    assert await read_data(again, len(message) - 1) is None  # one byte over: refused, read to the end
     assert await again.readline() == b"NEXT COMMAND\r\n"
 
 
