@@ -93,6 +93,7 @@ class SpoolConfig:
 class WorkerConfig:
     processes: int = 0  # 0: one per core
     max_attempts: int = 100  # storage failures retried with backoff (1 s doubling, capped at 10 min): ~15 h
+    memory_limit: int = 2_000_000_000  # address space of one conversion process; 0: no limit
 
 
 @dataclass(frozen=True)
@@ -260,6 +261,7 @@ _SCHEMA: dict[str, dict[str, tuple[Any, str]]] = {
     "worker": {
         "processes": (_positive_int, "a whole number of processes (0: one per core)"),
         "max_attempts": (_at_least_one, "at least 1 (a whole number of attempts)"),
+        "memory_limit": (parse_size, 'a size such as "2GB" (0: no limit)'),
     },
     "csv": {"ascii_only": (_bool, "true or false")},
     "links": {

@@ -4,6 +4,7 @@
     ├── ConfigError        the operator must fix the configuration (exit 2)
     ├── Unprocessable      this file cannot be converted: store the original in unprocessable
     ├── TemporaryFailure   try again later (storage outage, full disk); nothing is lost meanwhile
+    │   └── ConversionCrashed  a conversion process died: retried alone, then given up on
     └── CannotListen       a configured port cannot be bound (in use, or below 1024 without the capability)
 """
 
@@ -24,6 +25,10 @@ class Unprocessable(EsmailError):
 
 class TemporaryFailure(EsmailError):
     """Storage or the spool failed in a way that may pass; the work must be retried."""
+
+
+class ConversionCrashed(TemporaryFailure):
+    """The process converting a message died (out of memory, a crash in a native library)."""
 
 
 class CannotListen(EsmailError):

@@ -52,6 +52,7 @@ class EntryState:
     attempts: int = 0
     last_error: str = ""
     reason: str = ""  # why it failed for good (failed/ only)
+    crashes: int = 0  # conversions of this entry that killed their process
 
 
 class Spool:
@@ -215,9 +216,10 @@ class Spool:
 
     # --- finishing -----------------------------------------------------------
 
-    def record_attempt(self, entry_id: str, error: str) -> EntryState:
+    def record_attempt(self, entry_id: str, error: str, crashed: bool = False) -> EntryState:
         state = self.read_state(entry_id)
         state.attempts += 1
+        state.crashes += crashed
         state.last_error = error
         self._write_state(entry_id, state)
         return state

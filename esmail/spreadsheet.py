@@ -16,6 +16,7 @@ from datetime import date, datetime, time, timedelta
 from posixpath import join, normpath
 
 from python_calamine import CalamineWorkbook
+from xlrd import compdoc
 
 from esmail.errors import Unprocessable
 from esmail.kinds import XLS, XLSX
@@ -32,6 +33,8 @@ _BIG = 2.0**53
 def to_csv(data: bytes, kind: str) -> bytes:
     """The first sheet of a workbook (`kind` xlsx, xls, xlsb or ods) as CSV bytes (UTF-8, `\\n` line ends)."""
     xlsx = _Xlsx(data) if kind == XLSX else None
+    if kind == XLS:
+        _check_ole2(data)
     try:
         book = CalamineWorkbook.from_filelike(io.BytesIO(data))
         if not book.sheet_names:
@@ -44,6 +47,10 @@ def to_csv(data: bytes, kind: str) -> bytes:
         raise
     except Exception as exc:  # calamine raises its own error types and plain ValueErrors
         raise Unprocessable(f"cannot read the {kind} file: {exc}") from None
+    except BaseException as exc:  # a panic in calamine's Rust code arrives as pyo3's PanicException, a BaseException
+        if type(exc).__name__ != "PanicException":
+            raise
+        raise Unprocessable(f"cannot read the {kind} file: the reader failed ({exc})") from None
     lines, inexact = [], set()
     for r, row in enumerate(rows):
         try:
@@ -310,6 +317,31 @@ def _unescape(text: str) -> str:
 
 # BIFF8 BOOLERR record holding an error, and FORMULA record whose cached result is an error
 _XLS_ERROR = re.compile(rb"\x05\x02\x08\x00.{7}\x01|\x06\x00..{6}\x02.{5}\xff\xff", re.S)
+
+
+def _check_ole2(data: bytes) -> None:
+    """Refuse a corrupt OLE2 container before calamine reads it.
+
+    calamine (0.x, `cfb::Sectors::get_chain`) follows a looping sector chain
+    until memory runs out, so a 6 KB file can take the process down; xlrd's
+    reader checks the chains and the directory first, in milliseconds.
+    """
+    try:
+        doc = compdoc.CompDoc(data, logfile=_QUIET)
+        if doc.locate_named_stream("Workbook")[0] is None and doc.locate_named_stream("Book")[0] is None:
+            raise Unprocessable("an OLE2 file without a Workbook stream: not a spreadsheet")
+    except Unprocessable:
+        raise
+    except Exception as exc:  # CompDocError, and IndexError or struct.error on truncated tables
+        raise Unprocessable(f"cannot read the xls file: a corrupt OLE2 container ({type(exc).__name__}: {exc})") from None
+
+
+class _Quiet(io.StringIO):
+    def write(self, text: str) -> int:  # xlrd reports oddities here; the exception says what matters
+        return len(text)
+
+
+_QUIET = _Quiet()
 
 
 def _xls_may_have_errors(data: bytes) -> bool:

@@ -12,6 +12,7 @@ import asyncio
 import logging
 import multiprocessing
 import os
+import resource
 import time
 from concurrent.futures import ProcessPoolExecutor
 from concurrent.futures.process import BrokenProcessPool
@@ -20,7 +21,7 @@ from dataclasses import dataclass, replace
 from esmail import links, mail, metrics, report
 from esmail.chain import INBOX, UNPROCESSABLE, Output, route
 from esmail.config import Config
-from esmail.errors import TemporaryFailure
+from esmail.errors import ConversionCrashed, TemporaryFailure
 from esmail.keys import unique_names
 from esmail.spool import Envelope, Spool
 from esmail.store import Store
@@ -29,6 +30,9 @@ log = logging.getLogger(__name__)
 
 NO_PREFIX = "unknown"
 MAX_FILES = 1_000  # attached files in one message
+MAX_CRASHES = 2  # conversions of one entry that may kill their process (the second one alone)
+CRASHED = ("its conversion killed the converting process twice, the second time alone "
+           "(a file that exhausts [worker] memory_limit, or crashes a reader)")
 MAX_BACKOFF = 600.0  # seconds: a storage outage is retried at least every 10 minutes
 
 
@@ -96,16 +100,17 @@ class Worker:
         """Store everything one spool entry yields, then remove it; TemporaryFailure leaves it queued."""
         started = time.monotonic()
         envelope, raw = self.spool.load(entry_id)
+        alone = self.spool.read_state(entry_id).crashes > 0  # a suspect: converted in a process of its own
         try:
             with metrics.CONVERSION.time():
-                converted = await self._in_pool(convert, raw, self.config.csv.ascii_only, self.config.links.patterns)
+                converted = await self._in_pool(alone, convert, raw, self.config.csv.ascii_only, self.config.links.patterns)
         except TemporaryFailure:
             raise
         except Exception as exc:  # the message itself broke the parser: keep it whole, in failed/ too
             return await self._give_up(envelope, raw, f"cannot process the message: {type(exc).__name__}: {exc}", started)
         outputs = converted.outputs
         if converted.links and envelope.folders:
-            outputs = await self._in_pool(route_all, await self._download(envelope, converted.links), self.config.csv.ascii_only)
+            outputs = await self._in_pool(alone, route_all, await self._download(envelope, converted.links), self.config.csv.ascii_only)
         stored = []
         if not envelope.folders:
             log.warning("%s: no usable recipient; the message goes whole to unprocessable", entry_id)
@@ -137,16 +142,29 @@ class Worker:
                 extra={"spool_id": envelope.id, "client": envelope.client, "sender": envelope.sender, "prefixes": prefixes,
                        "size": size, "outcome": outcome, "objects": objects, "seconds": seconds})
 
-    async def _in_pool(self, function, *args):
-        """`function(*args)` in the conversion pool; a dead pool process is a temporary failure, and the pool is renewed."""
+    async def _in_pool(self, alone: bool, function, *args):
+        """`function(*args)` in the conversion pool, or `alone` in a process of its own.
+
+        A dead process (over [worker] memory_limit, a crash in a native
+        library, the OOM killer) raises ConversionCrashed and the pool is
+        renewed. Every entry that was in the pool then shares the blame, so
+        each is tried once more alone before it is given up on.
+        """
+        loop = asyncio.get_running_loop()
+        if alone and self.executor is not None:
+            with process_pool(self.config, workers=1) as own:
+                try:
+                    return await loop.run_in_executor(own, function, *args)
+                except BrokenProcessPool:
+                    raise ConversionCrashed("its conversion process died again, converting it alone") from None
         executor = self.executor
         try:
-            return await asyncio.get_running_loop().run_in_executor(executor, function, *args)
-        except BrokenProcessPool:  # the kernel's OOM killer, a signal: not this message's fault alone
+            return await loop.run_in_executor(executor, function, *args)
+        except BrokenProcessPool:
             if self.executor is executor:
                 self.executor = process_pool(self.config)
                 executor.shutdown(wait=False)
-            raise TemporaryFailure("a conversion process died (out of memory, or killed); the pool was restarted") from None
+            raise ConversionCrashed("a conversion process died (over [worker] memory_limit, or killed); the pool was restarted") from None
 
     async def _download(self, envelope: Envelope, urls: list[str]) -> list[tuple[str, bytes]]:
         """The files behind a message's links; a link that fails is logged and left out (DESIGN §6)."""
@@ -175,7 +193,12 @@ class Worker:
             if not isinstance(exc, TemporaryFailure):
                 log.exception("%s: unexpected error", entry_id)
                 report.exception("unexpected error while processing a spool entry", spool_id=entry_id)
-            state = self.spool.record_attempt(entry_id, f"{type(exc).__name__}: {exc}" if not isinstance(exc, TemporaryFailure) else str(exc))
+            crashed = isinstance(exc, ConversionCrashed)
+            state = self.spool.record_attempt(entry_id, f"{type(exc).__name__}: {exc}" if not isinstance(exc, TemporaryFailure) else str(exc), crashed)
+            if state.crashes >= MAX_CRASHES:
+                envelope, raw = self.spool.load(entry_id)
+                await self._give_up(envelope, raw, CRASHED)
+                return None
             if state.attempts >= self.config.worker.max_attempts:
                 envelope, raw = self.spool.load(entry_id)
                 await self._give_up(envelope, raw, f"gave up after {state.attempts} attempts; the last error: {state.last_error}")
@@ -229,8 +252,10 @@ class Worker:
             try:
                 return await self.process(entry_id)
             except TemporaryFailure as exc:
-                state = self.spool.record_attempt(entry_id, str(exc))
+                state = self.spool.record_attempt(entry_id, str(exc), isinstance(exc, ConversionCrashed))
                 log.warning("%s: attempt %d failed: %s", entry_id, state.attempts, exc)
+                if state.crashes >= MAX_CRASHES:
+                    return await self._give_up(*self.spool.load(entry_id), CRASHED)
                 if attempt == attempts:
                     raise
                 await asyncio.sleep(backoff(attempt, first_delay))
@@ -318,6 +343,13 @@ def process_pool_size(config: Config) -> int:
     return config.worker.processes or os.cpu_count() or 1
 
 
-def process_pool(config: Config) -> ProcessPoolExecutor:
-    """The pool that runs conversions off the event loop (spawned: no inherited locks or sockets)."""
-    return ProcessPoolExecutor(max_workers=process_pool_size(config), mp_context=multiprocessing.get_context("spawn"))
+def process_pool(config: Config, workers: int = 0) -> ProcessPoolExecutor:
+    """The pool that runs conversions off the event loop (spawned: no inherited locks or sockets), each process memory-capped."""
+    return ProcessPoolExecutor(max_workers=workers or process_pool_size(config), mp_context=multiprocessing.get_context("spawn"),
+                               initializer=limit_memory, initargs=(config.worker.memory_limit,))
+
+
+def limit_memory(limit: int) -> None:
+    """Cap this process's address space: a file that makes a reader allocate without end kills this process, not the host."""
+    if limit:
+        resource.setrlimit(resource.RLIMIT_AS, (limit, limit))

@@ -1,6 +1,7 @@
 """Nothing answered 250 is ever lost: kill -9 mid-stream, a storage outage, a clean SIGTERM, a dead conversion process."""
 
 import os
+from pathlib import Path
 import signal
 import smtplib
 import subprocess
@@ -156,6 +157,49 @@ async def test_a_dead_conversion_process_is_a_temporary_failure(config, store):
     finally:
         worker.close()
     assert list((await bucket_contents(store, config.buckets.amr_data)).values()) == [b"MPAN,00:30\n2200013680374,1.5\n"]
+
+
+def pool_processes() -> list[int]:
+    """This process's conversion processes (spawned by multiprocessing), not its resource tracker."""
+    found = []
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            ppid = int(stat.read_text().rsplit(")", 1)[1].split()[1])
+            if ppid == os.getpid() and b"spawn_main" in (stat.parent / "cmdline").read_bytes():
+                found.append(int(stat.parent.name))
+        except (OSError, ValueError, IndexError):
+            continue
+    return found
+
+
+@pytest.mark.parametrize("config", ["local"], indirect=True)
+async def test_an_entry_whose_conversion_keeps_killing_its_process_is_given_up(config, store):
+    """A poison message (a file that exhausts memory_limit or crashes a reader): once in the pool, once alone, then given up."""
+    spool = Spool(config.spool.path)
+    raw = feed()
+    envelope = spool.accept(raw, ["sheffield"])
+    worker = Worker(config, spool, store, processes=True)
+    stop = threading.Event()
+
+    def kill_conversions() -> None:  # what a poison file does to the process that converts it
+        while not stop.is_set():
+            for pid in pool_processes():
+                os.kill(pid, signal.SIGKILL)
+            time.sleep(0.005)
+
+    killer = threading.Thread(target=kill_conversions, daemon=True)
+    killer.start()
+    try:
+        assert await worker.attempt(envelope.id) == 1.0  # the pool died: every entry in it shares the blame
+        assert spool.read_state(envelope.id).crashes == 1
+        assert await worker.attempt(envelope.id) is None  # alone, and it died again: this entry's fault
+    finally:
+        stop.set()
+        killer.join()
+        worker.close()
+    assert spool.pending() == [] and spool.failed_ids() == [envelope.id]
+    assert "killed the converting process twice, the second time alone" in (spool.failed / f"{envelope.id}.reason").read_text()
+    assert list((await bucket_contents(store, config.buckets.unprocessable)).values()) == [raw]
 
 
 def test_start_removes_what_a_crash_left_half_written(tmp_path):

@@ -22,7 +22,7 @@ import pytest
 
 from conftest import RunningDaemon, bucket_contents, ingest
 from esmail import chain
-from esmail.chain import AMR_DATA, UNPROCESSABLE, route
+from esmail.chain import UNPROCESSABLE, route
 from esmail.spool import Spool
 from esmail.worker import Worker
 from sheets import xls, xlsx
