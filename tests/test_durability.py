@@ -1,13 +1,14 @@
 """Nothing answered 250 is ever lost: kill -9 mid-stream, a storage outage, a clean SIGTERM, a dead conversion process."""
 
 import os
-from pathlib import Path
 import signal
 import smtplib
 import subprocess
 import sys
 import threading
 import time
+from pathlib import Path
+
 import pytest
 from conftest import FAKE_AWS, REGION, RunningDaemon, Server, bucket_contents, eventually, free_port, make_buckets
 from moto.server import ThreadedMotoServer
