@@ -19,6 +19,7 @@ from esmail import __version__, chain, config as config_module, logs, mail, repo
 from esmail.config import Config
 from esmail.daemon import Daemon
 from esmail.errors import CannotListen, ConfigError, TemporaryFailure
+from esmail.imap import count_messages, describe
 from esmail.keys import prefix_of
 from esmail.spool import Spool
 from esmail.store import open_store
@@ -65,6 +66,12 @@ def _parser() -> argparse.ArgumentParser:
                                             "and convert and store it. SIGTERM or SIGINT stops it cleanly; SIGHUP reloads the TLS certificate.")
     serve.set_defaults(run=_run(_serve), default_log_level="info")
 
+    poll = commands.add_parser("poll", parents=[common], help="fetch from the [[imap]] mailboxes and run the worker, without an SMTP server",
+                               description="Watch each [[imap]] mailbox (IDLE, and a poll every poll_interval), spool each message "
+                                           "(fsync'd) before moving it to processed_folder, and convert and store it. "
+                                           "`esmail serve` does this too, beside its SMTP server.")
+    poll.set_defaults(run=_run(_poll), default_log_level="info")
+
     send = commands.add_parser("send", parents=[common], help="mail files as attachments to an esmail server",
                                description="Mail files as attachments of one message, to test a deployment end to end.")
     send.add_argument("files", nargs="+", metavar="FILE")
@@ -107,19 +114,31 @@ def _run(coroutine):
 
 
 async def _serve(config: Config, args) -> int:
+    return await _daemon(config, listen=True)
+
+
+async def _poll(config: Config, args) -> int:
+    if not config.imap:
+        print("esmail poll: no [[imap]] mailbox in the config; see config.example.toml", file=sys.stderr)
+        return 2
+    return await _daemon(config, listen=False)
+
+
+async def _daemon(config: Config, listen: bool) -> int:
     try:
-        daemon = Daemon(config)
+        daemon = Daemon(config, listen)
     except ConfigError as exc:
         print(f"esmail: config error: {exc}", file=sys.stderr)
         return 2
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, daemon.stop)
-    loop.add_signal_handler(signal.SIGHUP, daemon.smtp.reload_tls)
+    if daemon.smtp:
+        loop.add_signal_handler(signal.SIGHUP, daemon.smtp.reload_tls)
     try:
         return await daemon.run()
     except CannotListen as exc:
-        print(f"esmail serve: {exc}", file=sys.stderr)
+        print(f"esmail {'serve' if listen else 'poll'}: {exc}", file=sys.stderr)
         return 1
 
 
@@ -206,6 +225,13 @@ async def _check_config(config: Config, args) -> int:
                 status = 1
     finally:
         await store.close()
+    for box in config.imap:
+        try:
+            count = await asyncio.to_thread(count_messages, box, config.secrets[box.password_env])
+            print(f"ok      imap {box}: {count} messages in {box.folder}")
+        except Exception as exc:
+            print(f"FAILED  imap {box}: {describe(exc)}")
+            status = 1
     return status
 
 

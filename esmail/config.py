@@ -17,6 +17,7 @@ from typing import Any, Mapping, NamedTuple
 from dotenv import dotenv_values
 
 from esmail.errors import ConfigError
+from esmail.keys import prefix_of
 
 CONFIG_ENV = "ESMAIL_CONFIG"
 SECRET_NAMES = (
@@ -96,6 +97,28 @@ class WorkerConfig:
     memory_limit: int = 2_000_000_000  # address space of one conversion process; 0: no limit
 
 
+IMAP_TLS = ("implicit", "starttls", "none")
+LOCALHOST = ("localhost", "127.0.0.1", "::1")
+
+
+@dataclass(frozen=True)
+class ImapConfig:
+    """One `[[imap]]` mailbox; its password is in the environment variable `password_env`."""
+
+    host: str
+    username: str
+    password_env: str
+    port: int = 0  # 0: 993 with implicit TLS, else 143
+    tls: str = "implicit"
+    folder: str = "INBOX"
+    processed_folder: str = "Processed"
+    poll_interval: float = 60.0
+    prefix: str | None = None  # for a mailbox that serves one feed; else from the headers (DESIGN §2)
+
+    def __str__(self) -> str:
+        return f"{self.username}@{self.host}:{self.port}/{self.folder}"
+
+
 @dataclass(frozen=True)
 class RollbarConfig:
     endpoint: str = "https://api.rollbar.com/api/1/"  # the token is a secret: ROLLBAR_ACCESS_TOKEN
@@ -149,6 +172,7 @@ class Config:
     links: LinksConfig = LinksConfig()
     http: HttpConfig = HttpConfig()
     rollbar: RollbarConfig = RollbarConfig()
+    imap: tuple[ImapConfig, ...] = ()
     secrets: Mapping[str, str] = field(default_factory=dict, repr=False)
     source: Path | None = None
 
@@ -160,8 +184,11 @@ class Config:
             value = getattr(self, section)
             for f in fields(value):
                 lines.append(f"{f.name} = {_show(getattr(value, f.name))}")
+        for mailbox in self.imap:
+            lines.append("[[imap]]")
+            lines += [f"{f.name} = {_show(getattr(mailbox, f.name))}" for f in fields(mailbox)]
         lines.append("# secrets (environment or .env.{stage})")
-        for name in SECRET_NAMES:
+        for name in (*SECRET_NAMES, *(m.password_env for m in self.imap)):
             lines.append(f"# {name}: {'set (****)' if self.secrets.get(name) else 'not set'}")
         return "\n".join(lines)
 
@@ -274,6 +301,17 @@ _SCHEMA: dict[str, dict[str, tuple[Any, str]]] = {
     "http": {"listen": (parse_address, 'an address and port such as "127.0.0.1:9025"')},
     "rollbar": {"endpoint": (_str, 'the API URL, "https://api.rollbar.com/api/1/" unless you run your own')},
 }
+_IMAP_SCHEMA: dict[str, tuple[Any, str]] = {
+    "host": (_str, 'the IMAP server\'s name, e.g. "outlook.office365.com"'),
+    "port": (_at_least_one, "a port number (default 993 with implicit TLS, else 143)"),
+    "tls": (_str, '"implicit" (993), "starttls" or "none" (only for localhost)'),
+    "username": (_str, 'the login name, e.g. "feeds@example.org"'),
+    "password_env": (_str, 'the name of the environment variable that holds the password, e.g. "IMAP_PASSWORD"'),
+    "folder": (_str, 'the folder to fetch from, e.g. "INBOX"'),
+    "processed_folder": (_str, 'the folder fetched messages move to, e.g. "Processed"'),
+    "poll_interval": (_seconds, "a number of seconds greater than 0"),
+    "prefix": (_str, 'a feed prefix such as "sheffield" (a-z 0-9 . _ + -)'),
+}
 _SECTIONS = {
     "smtp": SmtpConfig, "storage": StorageConfig, "buckets": Buckets, "spool": SpoolConfig,
     "worker": WorkerConfig, "csv": CsvConfig, "links": LinksConfig, "http": HttpConfig, "rollbar": RollbarConfig,
@@ -298,12 +336,12 @@ def load(path: str | os.PathLike | None = None, environ: Mapping[str, str] | Non
             raise ConfigError(f"{source}: not valid TOML: {exc}") from None
     where = str(source or "the embedded default")
     config = _build(data, where)
-    config = replace(config, source=source, secrets=_secrets(config.stage, source, environ))
+    config = replace(config, source=source, secrets=_secrets(config.stage, source, environ, [m.password_env for m in config.imap]))
     return _checked(config, where)
 
 
 def _build(data: dict[str, Any], where: str) -> Config:
-    known = set(_SCHEMA) | {"stage"}
+    known = set(_SCHEMA) | {"stage", "imap"}
     for key in data:
         if key not in known:
             raise ConfigError(f"{where}: unknown key '{key}'; known top-level keys: {', '.join(sorted(known))}")
@@ -327,7 +365,38 @@ def _build(data: dict[str, Any], where: str) -> Config:
         sections[section] = _SECTIONS[section](**values)
     buckets = sections["buckets"]
     sections["buckets"] = Buckets(**{f.name: getattr(buckets, f.name).replace("{stage}", stage) for f in fields(Buckets)})
-    return Config(stage=stage, **sections)
+    return Config(stage=stage, imap=_mailboxes(data.get("imap", []), where), **sections)
+
+
+def _mailboxes(tables: Any, where: str) -> tuple[ImapConfig, ...]:
+    """The `[[imap]]` array of tables, each checked as a section is."""
+    if not isinstance(tables, list) or not all(isinstance(t, dict) for t in tables):
+        raise ConfigError(f"{where}: 'imap' must be an array of tables ([[imap]], one per mailbox)")
+    mailboxes = []
+    for n, table in enumerate(tables, 1):
+        name = f"[[imap]] #{n}"
+        values = {}
+        for key, raw in table.items():
+            if key not in _IMAP_SCHEMA:
+                raise ConfigError(f"{where}: unknown key {name} {key}; known keys: {', '.join(_IMAP_SCHEMA)}")
+            convert, expected = _IMAP_SCHEMA[key]
+            try:
+                values[key] = convert(raw)
+            except (TypeError, ValueError):
+                raise ConfigError(f"{where}: {name} {key} must be {expected}; got {raw!r}") from None
+        for key in ("host", "username", "password_env"):
+            if key not in values:
+                raise ConfigError(f"{where}: {name} needs {key}: {_IMAP_SCHEMA[key][1]}")
+        tls = values.get("tls", "implicit")
+        if tls not in IMAP_TLS:
+            raise ConfigError(f"{where}: {name} tls must be {_IMAP_SCHEMA['tls'][1]}; got {tls!r}")
+        if tls == "none" and values["host"] not in LOCALHOST:
+            raise ConfigError(f'{where}: {name} tls = "none" sends the password in clear: only for localhost; use "implicit" or "starttls"')
+        if "prefix" in values and prefix_of(values["prefix"]) != values["prefix"]:
+            raise ConfigError(f"{where}: {name} prefix must be {_IMAP_SCHEMA['prefix'][1]}; got {values['prefix']!r}")
+        values.setdefault("port", 993 if tls == "implicit" else 143)
+        mailboxes.append(ImapConfig(**values))
+    return tuple(mailboxes)
 
 
 def _checked(config: Config, where: str) -> Config:
@@ -342,14 +411,18 @@ def _checked(config: Config, where: str) -> Config:
         raise ConfigError(f"{where}: [smtp] tls_cert and tls_key go together; set both (PEM files) or neither")
     if smtp.require_tls and smtp.tls_cert is None:
         raise ConfigError(f"{where}: [smtp] require_tls = true needs tls_cert and tls_key")
+    for n, mailbox in enumerate(config.imap, 1):
+        if not config.secrets.get(mailbox.password_env):
+            raise ConfigError(f"{where}: [[imap]] #{n} password_env = {mailbox.password_env!r}: that environment variable is not set; "
+                              f"put the password of {mailbox.username} in it (or in .env.{config.stage})")
     if len(set(vars(config.buckets).values())) != 3:
         raise ConfigError(f"{where}: [buckets] inbox, amr_data and unprocessable must be three different buckets")
     return config
 
 
-def _secrets(stage: str, source: Path | None, environ: Mapping[str, str]) -> dict[str, str]:
+def _secrets(stage: str, source: Path | None, environ: Mapping[str, str], more: list[str]) -> dict[str, str]:
     """Secrets from `.env.{stage}` (beside the config file, else the working directory), the environment winning."""
     env_file = (source.parent if source else Path.cwd()) / f".env.{stage}"
     values = {k: v for k, v in dotenv_values(env_file).items() if v is not None} if env_file.is_file() else {}
     values.update({k: v for k, v in environ.items()})
-    return {name: values[name] for name in SECRET_NAMES if values.get(name)}
+    return {name: values[name] for name in (*SECRET_NAMES, *more) if values.get(name)}

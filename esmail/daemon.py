@@ -11,8 +11,10 @@ from __future__ import annotations
 import asyncio
 import logging
 from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
 
 from esmail.config import Config
+from esmail.imap import Mailbox
 from esmail.monitor import Monitor
 from esmail.smtp import Receiver, SmtpServer
 from esmail.spool import GroupCommit, Spool
@@ -26,14 +28,18 @@ WORKER_GRACE = 10.0  # seconds entries in progress may take to finish at shutdow
 
 
 class Daemon:
-    def __init__(self, config: Config):
+    """`listen=False`: `esmail poll`, the IMAP mailboxes and the worker without an SMTP server."""
+
+    def __init__(self, config: Config, listen: bool = True):
         self.config = config
         self.spool = Spool(config.spool.path, config.spool.min_free)
         self.store = open_store(config)
         self.worker = Worker(config, self.spool, self.store, processes=True)
         self.scheduler = Scheduler(self.worker, concurrency=process_pool_size(config))
         receiver = Receiver(config.smtp, GroupCommit(self.spool), self.scheduler.submit)
-        self.smtp = SmtpServer(config.smtp, receiver)
+        self.smtp = SmtpServer(config.smtp, receiver) if listen else None
+        self.mailboxes = [Mailbox(box, config.secrets[box.password_env], self.spool, self._submit_threadsafe, config.smtp.domains,
+                                  config.smtp.max_message_size) for box in config.imap]
         self.monitor = Monitor(self) if config.http.listen else None
         self.notifier = Notifier()
         self._stopping = asyncio.Event()
@@ -45,8 +51,12 @@ class Daemon:
             log.warning("removed %d unacknowledged partial messages a crash left in %s", stale, self.spool.tmp)
         scheduler = asyncio.create_task(self.scheduler.run())
         heartbeat = None
+        self._loop = asyncio.get_running_loop()
+        watchers = ThreadPoolExecutor(max(len(self.mailboxes), 1), thread_name_prefix="imap")
+        polling = [self._loop.run_in_executor(watchers, mailbox.run) for mailbox in self.mailboxes]
         try:
-            await self.smtp.start()
+            if self.smtp:
+                await self.smtp.start()
             if self.monitor:
                 await self.monitor.start()
             self._announce()
@@ -57,8 +67,14 @@ class Daemon:
             await self._stopping.wait()
             log.info("shutting down: no new connections; sessions finish their message")
             self.notifier.notify("STOPPING=1", "STATUS=stopping: sessions finish their message")
-            await self.smtp.stop()
+            if self.smtp:
+                await self.smtp.stop()
         finally:
+            for mailbox in self.mailboxes:
+                mailbox.stop()
+            if polling:
+                await asyncio.wait(polling)
+            watchers.shutdown()
             if self.monitor:
                 await self.monitor.stop()
             if heartbeat is not None:
@@ -76,9 +92,14 @@ class Daemon:
         """Begin a clean shutdown (the signal handler; thread-safe callers use loop.call_soon_threadsafe)."""
         self._stopping.set()
 
+    def _submit_threadsafe(self, entry_id: str) -> None:
+        """A mailbox thread spooled a message: hand it to the scheduler on the loop."""
+        self._loop.call_soon_threadsafe(self.scheduler.submit, entry_id)
+
     def status(self) -> str:
         """One line for `systemctl status`: the queue as the spool holds it."""
-        return f"{len(self.spool.pending())} queued, {len(self.spool.failed_ids())} failed; listening on {self.config.smtp.listen}"
+        where = f"listening on {self.config.smtp.listen}" if self.smtp else f"polling {len(self.mailboxes)} mailboxes"
+        return f"{len(self.spool.pending())} queued, {len(self.spool.failed_ids())} failed; {where}"
 
     async def _heartbeat(self) -> None:
         """Watchdog keep-alives and STATUS= updates, from the event loop itself."""
@@ -89,6 +110,11 @@ class Daemon:
 
     def _announce(self) -> None:
         smtp = self.config.smtp
+        for mailbox in self.mailboxes:
+            log.info("watching the mailbox %s (IDLE, and a poll every %.0fs)", mailbox.config, mailbox.config.poll_interval)
+        if self.smtp is None:
+            log.info("no SMTP server (esmail poll); spool %s, %d entries waiting", self.spool.path, len(self.spool.pending()))
+            return
         if not smtp.domains:
             log.warning("[smtp] domains is empty: mail for any domain is accepted (fine on localhost, an open door on the internet)")
         log.info("listening on %s (port %d), spool %s, %d entries waiting", smtp.listen, self.smtp.port, self.spool.path, len(self.spool.pending()))

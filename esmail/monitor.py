@@ -51,7 +51,7 @@ class Monitor:
     def problems(self) -> list[str]:
         """What stops esmail from taking mail and storing it now (empty: healthy)."""
         found = []
-        if not self.daemon.smtp.listening:
+        if self.daemon.smtp is not None and not self.daemon.smtp.listening:
             found.append("the SMTP port is not listening")
         try:
             self.daemon.spool.check_writable()

@@ -24,7 +24,7 @@ from dataclasses import asdict, dataclass
 from datetime import datetime, timezone
 from pathlib import Path
 
-from esmail.durable import fsync_dir, sync_files, write_unsynced
+from esmail.durable import fsync_dir, sync_files, write_synced, write_unsynced
 from esmail.errors import TemporaryFailure
 from esmail.keys import folder_name
 
@@ -59,8 +59,8 @@ class Spool:
     def __init__(self, path: Path, min_free: int = 0):
         self.path = Path(path)
         self.min_free = min_free
-        self.tmp, self.queue, self.failed, self.state = (self.path / d for d in ("tmp", "queue", "failed", "state"))
-        for folder in (self.tmp, self.queue, self.failed, self.state):
+        self.tmp, self.queue, self.failed, self.state, self.taken = (self.path / d for d in ("tmp", "queue", "failed", "state", "taken"))
+        for folder in (self.tmp, self.queue, self.failed, self.state, self.taken):
             folder.mkdir(parents=True, exist_ok=True)
         self._lock = threading.Lock()
         self._folders_used: dict[tuple[str, str], int] = {}
@@ -77,6 +77,30 @@ class Spool:
         envelope = self.write(raw, prefixes, **fields)
         self.publish([envelope])
         return envelope
+
+    def accept_once(self, raw: bytes, prefixes: list[str], key: str, received: datetime, **fields) -> Envelope | None:
+        """Spool a message fetched from a mailbox unless it was spooled before (None then).
+
+        `key` is the message's identity (Message-ID plus digest). It is marked
+        as taken until `release(key)`, after the mailbox has moved the message;
+        it also names the entry, so a message spooled just before a crash,
+        before its mark was written, is still found in the queue.
+        """
+        entry_id = f"{received:%Y%m%d-%H%M%S}-{key[:12]}"
+        if (self.taken / key).exists() or any((folder / (entry_id + SUFFIX)).exists() for folder in (self.queue, self.failed)):
+            return None
+        envelope = self.accept(raw, prefixes, received=received, entry_id=entry_id, **fields)
+        try:
+            write_synced(self.tmp / key, entry_id.encode())
+            os.replace(self.tmp / key, self.taken / key)
+            fsync_dir(self.taken)
+        except OSError as exc:
+            raise self.failure(exc) from exc
+        return envelope
+
+    def release(self, key: str) -> None:
+        """The mailbox has let go of the message: forget its mark."""
+        (self.taken / key).unlink(missing_ok=True)
 
     def write(self, raw: bytes, prefixes: list[str], **fields) -> Envelope:
         """Write a message to tmp/: not yet durable, not yet in the queue (see `publish`)."""
@@ -168,7 +192,7 @@ class Spool:
 
     def _envelope_for(self, received: datetime | None, prefixes: list[str], fields: dict) -> Envelope:
         received = (received or datetime.now(timezone.utc)).replace(microsecond=0)
-        entry_id = f"{received:%Y%m%d-%H%M%S}-{secrets.token_hex(4)}"
+        entry_id = fields.pop("entry_id", None) or f"{received:%Y%m%d-%H%M%S}-{secrets.token_hex(4)}"
         with self._lock:
             folders = {prefix: self._allocate(prefix, received) for prefix in dict.fromkeys(prefixes)}
         return Envelope(entry_id, received.isoformat(), folders, **{**fields, "recipients": tuple(fields.get("recipients", ()))})

@@ -1,5 +1,7 @@
 """Configuration: defaults, sizes, stage-named buckets, secrets from .env.{stage}."""
 
+from pathlib import Path
+
 import pytest
 
 from esmail import config as config_module
@@ -53,7 +55,35 @@ def test_example_config_is_valid_and_documents_every_key():
         assert f"[{section}]" in text
         for key in keys:
             assert f"{key} =" in text, f"[{section}] {key} is not in config.example.toml"
+    assert "[[imap]]" in text
+    for key in config_module._IMAP_SCHEMA:
+        assert f"# {key} =" in text, f"[[imap]] {key} is not in config.example.toml"
     assert cfg.csv.ascii_only is False
+
+
+def test_the_example_imap_table_loads_once_uncommented(tmp_path):
+    example = (Path(__file__).parents[1] / "config.example.toml").read_text()
+    imap = example[example.index("# [[imap]]"):]
+    toml = tmp_path / "c.toml"
+    toml.write_text("\n".join(line[2:] for line in imap.splitlines() if line.startswith("# ")))
+    [mailbox] = config_module.load(toml, environ={"IMAP_PASSWORD": "x"}).imap
+    assert (mailbox.host, mailbox.port, mailbox.tls, mailbox.prefix) == ("outlook.office365.com", 993, "implicit", "sheffield")
+    with pytest.raises(ConfigError, match=r"\[\[imap\]\] #1 password_env = 'IMAP_PASSWORD': that environment variable is not set"):
+        config_module.load(toml, environ={})
+
+
+@pytest.mark.parametrize("table, message", [
+    ('host = "imap.example.org"\nusername = "u"\npassword_env = "P"\ntls = "none"\n', 'tls = "none" sends the password in clear'),
+    ('host = "imap.example.org"\nusername = "u"\n', "[[imap]] #1 needs password_env"),
+    ('host = "h"\nusername = "u"\npassword_env = "P"\nprefix = "Bad Prefix"\n', "[[imap]] #1 prefix must be"),
+    ('host = "h"\nusername = "u"\npassword_env = "P"\nfolders = "x"\n', "unknown key [[imap]] #1 folders"),
+])
+def test_imap_config_errors_name_the_table_and_key(tmp_path, table, message):
+    toml = tmp_path / "c.toml"
+    toml.write_text("[[imap]]\n" + table)
+    with pytest.raises(ConfigError) as error:
+        config_module.load(toml, environ={"P": "x"})
+    assert message in str(error.value)
 
 
 @pytest.mark.parametrize("text, message", [
