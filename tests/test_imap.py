@@ -3,6 +3,7 @@
 import imaplib
 import os
 import signal
+import socket
 import subprocess
 import sys
 import time
@@ -211,3 +212,29 @@ def test_check_config_logs_in_and_counts_the_messages(config, dovecot, tmp_path)
     wrong = subprocess.run([sys.executable, "-m", "esmail", "--config", str(toml), "check-config"], capture_output=True, text=True,
                            env={**os.environ, PASSWORD_ENV: "wrong"}, timeout=60)
     assert wrong.returncode == 1 and f"FAILED  imap {dovecot_server.USER}@127.0.0.1:{dovecot.port}/INBOX: login refused" in wrong.stdout
+
+
+def test_esmail_poll_fetches_without_an_smtp_server_and_stops_cleanly(config, dovecot, tmp_path):
+    toml = tmp_path / "esmail.toml"
+    smtp_port = free_port()
+    toml.write_text(config_toml(config) + f'min_free = 0\n[smtp]\nlisten = "127.0.0.1:{smtp_port}"\n[worker]\nprocesses = 1\n'
+                    f'[[imap]]\nhost = "127.0.0.1"\nport = {dovecot.port}\ntls = "none"\nusername = "{dovecot_server.USER}"\n'
+                    f'password_env = "{PASSWORD_ENV}"\n')
+    append(dovecot, feed("polled.csv"))
+    log = tmp_path / "poll.log"
+    with open(log, "wb") as out:
+        poll = subprocess.Popen([sys.executable, "-m", "esmail", "--config", str(toml), "poll"], stdout=out, stderr=out,
+                                env={**os.environ, PASSWORD_ENV: dovecot_server.PASSWORD})
+    try:
+        deadline = time.monotonic() + 30
+        while not amr_keys(config) and time.monotonic() < deadline:
+            time.sleep(0.1)
+        with pytest.raises(OSError):  # no SMTP server
+            socket.create_connection(("127.0.0.1", smtp_port), timeout=1)
+    finally:
+        poll.send_signal(signal.SIGTERM)
+        assert poll.wait(30) == 0, log.read_text()
+    assert amr_keys(config)[0].endswith("/polled.csv") and count(dovecot, "Processed") == 1
+    toml.write_text(config_toml(config))
+    nothing = subprocess.run([sys.executable, "-m", "esmail", "--config", str(toml), "poll"], capture_output=True, text=True, timeout=60)
+    assert nothing.returncode == 2 and "no [[imap]] mailbox in the config" in nothing.stderr
