@@ -49,6 +49,7 @@ class Mailbox:
         self._stopping = threading.Event()
         self._too_big: set[bytes] = set()
         self._conn: imaplib.IMAP4 | None = None
+        self.problem: str | None = None  # why the mailbox cannot be read now (/healthz); None when it can
 
     def stop(self) -> None:
         """Ask the watcher to end, and cut its connection so that no network wait holds it (a message half-taken is safe: see `_take`)."""
@@ -73,11 +74,13 @@ class Mailbox:
                         if failures:  # a whole round worked: the outage is over
                             log.info("%s: connected again after %d failed attempts", self.config, failures)
                             failures = 0
+                        self.problem = None
                         self._wait(conn)
             except (OSError, EOFError, imaplib.IMAP4.error, TemporaryFailure) as exc:
                 if self._stopping.is_set():
                     break
                 failures += 1
+                self.problem = describe(exc)
                 if failures == 1:  # once per outage, not once per attempt
                     log.warning("%s: %s; retrying with backoff up to %.0fs (quiet until it recovers)", self.config, describe(exc), MAX_BACKOFF)
                     report.problem("an IMAP mailbox cannot be read", mailbox=str(self.config), reason=describe(exc))

@@ -1,8 +1,9 @@
 """`[http] listen`: `/healthz` for a load balancer or uptime check, `/metrics` for Prometheus.
 
 Off by default. Health is 200 only when mail can be taken and kept: the SMTP
-port listens, a message could be spooled now, and the last write to
-storage succeeded (or none was needed yet); otherwise 503 with the reasons.
+port listens, a message could be spooled now, the last write to storage
+succeeded (or none was needed yet), and every IMAP mailbox could be read at
+its last try; otherwise 503 with the reasons.
 """
 
 from __future__ import annotations
@@ -59,6 +60,7 @@ class Monitor:
             found.append(str(exc))
         if self.daemon.worker.store_error:
             found.append(f"the last store write failed: {self.daemon.worker.store_error}")
+        found += [f"the mailbox {mailbox.config} cannot be read: {mailbox.problem}" for mailbox in self.daemon.mailboxes if mailbox.problem]
         return found
 
     async def metrics(self, request: web.Request) -> web.Response:

@@ -1,12 +1,15 @@
 """`[[imap]]` mailboxes against a real Dovecot: messages land as CSV and move to Processed, once, whatever happens."""
 
 import imaplib
+import json
 import os
 import signal
 import socket
 import subprocess
 import sys
 import time
+import urllib.error
+import urllib.request
 from dataclasses import replace
 from datetime import datetime, timezone
 from email.message import EmailMessage
@@ -15,7 +18,7 @@ import pytest
 
 import dovecot as dovecot_server
 from conftest import RunningDaemon, bucket_contents, config_toml, eventually, free_port
-from esmail.config import Config, ImapConfig
+from esmail.config import Address, Config, HttpConfig, ImapConfig
 from esmail.imap import identity
 from esmail.spool import Spool
 from test_smtp import self_signed
@@ -178,11 +181,17 @@ async def test_kill_9_while_messages_flow_duplicates_nothing(config, store, dove
 
 
 async def test_a_wrong_password_is_logged_once_and_retried_without_a_crash(config, store, dovecot, caplog):
-    config = with_mailbox(config, dovecot, password="wrong")
-    with RunningDaemon(config):
+    config = replace(with_mailbox(config, dovecot, password="wrong"), http=HttpConfig(listen=Address("127.0.0.1", 0)))
+    with RunningDaemon(config) as server:
         deadline = time.monotonic() + 30
         while dovecot.log().count("auth failed") < 3 and time.monotonic() < deadline:  # Dovecot delays each refusal 2 s
             time.sleep(0.2)
+        try:
+            urllib.request.urlopen(f"http://127.0.0.1:{server.daemon.monitor.port}/healthz", timeout=10)
+            raise AssertionError("/healthz said 200")
+        except urllib.error.HTTPError as unhealthy:
+            status, [problem] = unhealthy.code, json.loads(unhealthy.read())["problems"]
+    assert status == 503 and problem.startswith(f"the mailbox {config.imap[0]} cannot be read: login refused")
     assert dovecot.log().count("auth failed") >= 3  # it kept trying, and stopped cleanly
     failures = [r for r in caplog.records if r.name == "esmail.imap" and "login refused" in r.getMessage()]
     assert len(failures) == 1 and "check username and the password in password_env" in failures[0].getMessage()
