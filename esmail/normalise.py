@@ -10,6 +10,7 @@ import codecs
 import re
 
 _BLANK_LINES = re.compile(rb"\n\s*\n")
+_LEADING_BLANK_LINES = re.compile(rb"\s*\n")
 _CR_TO_LF = bytes.maketrans(b"\r", b"\n")
 _NON_ASCII = re.compile(rb"[\x80-\xff]+")
 _REPLACEMENT = "\ufffd".encode()
@@ -17,34 +18,47 @@ _SAMPLE = 4096
 
 
 def normalise(data: bytes, ascii_only: bool = False) -> bytes:
-    """Decode (UTF-8, UTF-16, else Windows-1252), drop NULs and U+FFFD, unify line ends, drop blank lines."""
+    """Decode (UTF-8, UTF-16, else Windows-1252), drop NULs and U+FFFD, unify line ends, drop blank lines.
+
+    Every CR becomes LF, so CRLF becomes an empty line, which the blank-line
+    pass removes with the rest: cheaper than replacing CRLF first.
+    """
     if not data.isascii():
-        data = to_utf8(data)
+        data, may_hold_replacements = _decoded(data)
         if ascii_only:
             data = _NON_ASCII.sub(b"", data)
-        elif _REPLACEMENT in data:
+        elif may_hold_replacements and _REPLACEMENT in data:
             data = data.replace(_REPLACEMENT, b"")
     if b"\x00" in data:
         data = data.replace(b"\x00", b"")
-    data = b"\n" + data.replace(b"\r\n", b"\n").translate(_CR_TO_LF) + b"\n"
-    return _BLANK_LINES.sub(b"\n", data)[1:]
+    data = data.translate(_CR_TO_LF)
+    if not data.endswith(b"\n"):
+        data += b"\n"
+    data = _BLANK_LINES.sub(b"\n", data)
+    leading = _LEADING_BLANK_LINES.match(data)
+    return data[leading.end():] if leading else data
 
 
 def to_utf8(data: bytes) -> bytes:
     """Bytes of unknown encoding as UTF-8: a BOM or NUL pattern says UTF-16, else UTF-8, else Windows-1252."""
+    return _decoded(data)[0]
+
+
+def _decoded(data: bytes) -> tuple[bytes, bool]:
+    """`to_utf8`, and whether the result may hold U+FFFD (a Windows-1252 decode never makes one)."""
     body = data
     while body.startswith(_REPLACEMENT):  # a BOM damaged by an earlier UTF-8 round trip
         body = body[len(_REPLACEMENT):]
     if body.startswith(codecs.BOM_UTF16_LE) or body.startswith(codecs.BOM_UTF16_BE):
-        return body.decode("utf-16", "replace").encode()
+        return body.decode("utf-16", "replace").encode(), True
     utf16 = _utf16_by_nuls(body[:_SAMPLE])
     if utf16:
-        return body.decode(utf16, "replace").encode()
+        return body.decode(utf16, "replace").encode(), True
     try:
         data.decode("utf-8")
     except UnicodeDecodeError:  # its five undefined bytes are dropped
-        return data.decode("cp1252", "ignore").encode()
-    return data[3:] if data.startswith(codecs.BOM_UTF8) else data
+        return data.decode("cp1252", "ignore").encode(), False
+    return (data[3:] if data.startswith(codecs.BOM_UTF8) else data), True
 
 
 def _utf16_by_nuls(sample: bytes) -> str | None:
