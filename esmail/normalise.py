@@ -15,6 +15,8 @@ _CR_TO_LF = bytes.maketrans(b"\r", b"\n")
 _NON_ASCII = re.compile(rb"[\x80-\xff]+")
 _REPLACEMENT = "\ufffd".encode()
 _SAMPLE = 4096
+_UTF8_PROBE = 65536
+_utf8_prefix = codecs.getincrementaldecoder("utf-8")  # a sequence cut at the probe's end is not an error
 
 
 def normalise(data: bytes, ascii_only: bool = False) -> bytes:
@@ -55,6 +57,7 @@ def _decoded(data: bytes) -> tuple[bytes, bool]:
     if utf16:
         return body.decode(utf16, "replace").encode(), True
     try:
+        _utf8_prefix().decode(data[:_UTF8_PROBE], final=False)  # invalid early: no need to try the whole
         data.decode("utf-8")
     except UnicodeDecodeError:  # its five undefined bytes are dropped
         return data.decode("cp1252", "ignore").encode(), False
