@@ -102,24 +102,30 @@ def run_xlrd(path: Path) -> int:
     return len(out.getvalue())
 
 
-def run_normalise(path: Path) -> int:
+def run_normalise(data: bytes) -> int:
     from esmail.normalise import normalise
 
-    return len(normalise(path.read_bytes()))
+    return len(normalise(data))
 
 
-def run_line_loop(path: Path) -> int:
+def run_line_loop(data: bytes) -> int:
     """The straightforward normaliser DESIGN §10 compares against: decode, split, filter, join."""
-    text = path.read_bytes().decode("utf-8", "replace").replace("\x00", "").replace("\ufffd", "")
+    text = data.decode("utf-8", "replace").replace("\x00", "").replace("\ufffd", "")
     return len("".join(line + "\n" for line in text.splitlines() if line.strip()).encode())
 
 
 RUNNERS = {"esmail": run_esmail, "openpyxl": run_openpyxl, "xlrd": run_xlrd, "normalise": run_normalise, "line-loop": run_line_loop}
 
 
+IN_MEMORY = ("normalise", "line-loop")  # DESIGN §10 measures normalisation in-process: the bytes are read first
+
+
 def child(name: str, path: Path) -> None:
+    import esmail.normalise  # noqa: F401 - imported before the clock starts, like the bytes are read
+
+    source = path.read_bytes() if name in IN_MEMORY else path
     before = time.perf_counter()
-    size = RUNNERS[name](path)
+    size = RUNNERS[name](source)
     seconds = time.perf_counter() - before
     print(json.dumps({"seconds": seconds, "peak_mb": peak_rss_mb(), "out_bytes": size}))
 
