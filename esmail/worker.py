@@ -205,7 +205,9 @@ class Worker:
                 return None
             delay = backoff(state.attempts)
             metrics.RETRIES.inc()
-            log.warning("%s: attempt %d of %d failed (%s); next in %.0fs", entry_id, state.attempts, self.config.worker.max_attempts, exc, delay)
+            # WARNING the first time and every tenth: during an outage every queued entry fails, and once is news
+            level = logging.WARNING if state.attempts == 1 or state.attempts % 10 == 0 else logging.INFO
+            log.log(level, "%s: attempt %d of %d failed (%s); next in %.0fs", entry_id, state.attempts, self.config.worker.max_attempts, exc, delay)
             return delay
 
     async def _give_up(self, envelope: Envelope, raw: bytes, reason: str, started: float | None = None) -> list[Stored]:

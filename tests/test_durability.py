@@ -7,6 +7,7 @@ import subprocess
 import sys
 import threading
 import time
+from dataclasses import replace
 from pathlib import Path
 
 import pytest
@@ -241,3 +242,22 @@ def test_spool_list_and_retry(tmp_path):
     missing = esmail("list")
     assert missing.returncode == 1 and "there is no spool at" in missing.stderr and not (tmp_path / "no-such-spool").exists()
 
+
+
+@pytest.mark.parametrize("config", ["local"], indirect=True)
+async def test_a_storage_outage_warns_once_per_entry_then_every_tenth_attempt(config, tmp_path, caplog):
+    """During an outage every queued entry fails on every try: WARNING the first time (and every tenth), INFO between."""
+    blocked = tmp_path / "not-a-folder"
+    blocked.write_text("the buckets cannot be made under a file")
+    config = replace(config, storage=replace(config.storage, path=blocked))
+    spool = Spool(config.spool.path)
+    envelope = spool.accept(feed(), ["sheffield"])
+    store = open_store(config)
+    worker = Worker(config, spool, store)
+    with caplog.at_level("INFO", logger="esmail.worker"):
+        for _ in range(10):
+            assert await worker.attempt(envelope.id) is not None
+    await store.close()
+    levels = [r.levelname for r in caplog.records if "failed (cannot write" in r.getMessage()]
+    assert levels == ["WARNING"] + ["INFO"] * 8 + ["WARNING"]
+    assert spool.pending() == [envelope.id]
