@@ -40,6 +40,8 @@ def identify(name: str, data: bytes) -> Kind:
     named = _BY_NAME.get(ext)
     found = _by_magic(data)
     shown = ext or "no extension"
+    if found == ZIP and named in (XLSX, XLSB, ODS):  # one file, read as that workbook or unprocessable whole, never unzipped
+        return Kind(named, named)
     if found is not None:
         return Kind(found, found if found == named else f"{found} by content, named {shown}")
     if named == TEXT:

@@ -95,3 +95,10 @@ def test_corrupt_zip_is_unprocessable():
     broken = data[:40] + b"\x00" * 20 + data[60:]
     [out] = route("broken.zip", broken)
     assert out.bucket == UNPROCESSABLE and out.data == broken
+
+
+def test_a_zip_named_as_a_workbook_is_tried_as_one_not_unzipped():
+    """A zip named .xlsx stays one file: read as a workbook, or (here) unprocessable whole, never unzipped into its parts."""
+    data = make_zip({"notes.txt": b"not a workbook part", "data.csv": CSV})
+    [out] = route("export.xlsx", data)
+    assert (out.bucket, out.name, out.data) == (UNPROCESSABLE, "export.xlsx", data) and out.reason.startswith("cannot read the")
