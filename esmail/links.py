@@ -156,5 +156,13 @@ async def _read(response: aiohttp.ClientResponse, max_bytes: int) -> Download:
     if _NOT_AVAILABLE in data:
         raise LinkFailed(f"the server says the file is not available ({_NOT_AVAILABLE.decode()!r})")
     url = str(response.url)
-    name = response.content_disposition.filename if response.content_disposition else None
-    return Download(url, safe_path(name or re.sub(r"[:/?]", "_", url)), data)
+    return Download(url, safe_path(_filename(response) or re.sub(r"[:/?]", "_", url)), data)
+
+
+def _filename(response: aiohttp.ClientResponse) -> str | None:
+    """The name a Content-Disposition gives (`filename`, or RFC 6266 `filename*`); None when absent or unreadable."""
+    try:
+        disposition = response.content_disposition
+        return disposition.filename if disposition else None
+    except Exception:  # a malformed header is a sender's mistake: fall back to the URL
+        return None
