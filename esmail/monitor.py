@@ -38,7 +38,7 @@ class Monitor:
             await site.start()
         except OSError as exc:
             raise CannotListen("[http] listen", self.daemon.config.http.listen, exc) from None
-        self.port = site._server.sockets[0].getsockname()[1]
+        self.port = self.runner.addresses[0][1]
 
     async def stop(self) -> None:
         await self.runner.cleanup()
