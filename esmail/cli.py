@@ -98,13 +98,15 @@ def _parser() -> argparse.ArgumentParser:
     ingest.set_defaults(run=_run(_ingest))
 
     convert = commands.add_parser("convert", parents=[common], help="run the conversion chain alone on local files",
-                                  description="Convert xlsx, xls, csv and zip files to normalised CSV files in a folder.")
+                                  description="Convert files (csv, xlsx, xls, xlsb, ods, zip, winmail.dat, and disguised ones, "
+                                              "decided by content as in the daemon) to normalised CSV files in a folder.")
     convert.add_argument("files", nargs="+", metavar="FILE")
     convert.add_argument("--out", metavar="DIR", default=".", help="output folder (default: the current folder)")
     convert.set_defaults(run=_convert)
 
-    check = commands.add_parser("check-config", parents=[common], help="print the effective configuration and check every bucket",
-                                description="Print the effective configuration (secrets masked) and check that each bucket is reachable and writable.")
+    check = commands.add_parser("check-config", parents=[common], help="print the effective configuration and check every bucket and mailbox",
+                                description="Print the effective configuration (secrets masked), check that each bucket is reachable and "
+                                            "writable, and log in to each [[imap]] mailbox and count its messages.")
     check.set_defaults(run=_run(_check_config))
     return parser
 
