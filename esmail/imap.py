@@ -162,9 +162,17 @@ class Mailbox:
             return
         tag = conn._new_tag()
         conn.send(tag + b" IDLE\r\n")
-        if not conn.readline().startswith(b"+"):
-            raise imaplib.IMAP4.error("the server refused IDLE")
-        while not self._stopping.is_set() and time.monotonic() < deadline:
+        woken = False
+        while True:  # untagged news may come before the continuation
+            line = conn.readline()
+            if not line:
+                raise EOFError("the server closed the connection at IDLE")
+            if line.startswith(b"+"):
+                break
+            if line.startswith(tag):
+                raise imaplib.IMAP4.error(f"the server refused IDLE: {line.decode(errors='replace').strip()}")
+            woken = woken or b"EXISTS" in line
+        while not woken and not self._stopping.is_set() and time.monotonic() < deadline:
             if _readable(conn, 1.0):
                 line = conn.readline()
                 if not line:
