@@ -135,6 +135,7 @@ class CsvConfig:
 
 
 IMSERV_LINK = r"https://datavision\.imserv\.com/imgserver/InternalImage\.aspx\?[a-zA-Z0-9&%=]+"
+DEFAULT_PORTS = {"https": 443, "http": 80}
 _PATTERN_ORIGIN = re.compile(r"\^?(https?)://((?:[A-Za-z0-9-]|\\?\.)+)(?::(\d+))?(?:/|\\/|$)")
 
 
@@ -144,7 +145,7 @@ def pattern_origin(pattern: str) -> tuple[str, str, int]:
     if not match:
         raise ValueError(pattern)
     scheme, host, port = match.groups()
-    return scheme, host.replace("\\", "").lower(), int(port) if port else (443 if scheme == "https" else 80)
+    return scheme, host.replace("\\", "").lower(), int(port) if port else DEFAULT_PORTS[scheme]
 
 
 @dataclass(frozen=True)
@@ -353,19 +354,24 @@ def _build(data: dict[str, Any], where: str) -> Config:
         table = data.get(section, {})
         if not isinstance(table, dict):
             raise ConfigError(f"{where}: '{section}' must be a table ([{section}])")
-        values = {}
-        for key, raw in table.items():
-            if key not in schema:
-                raise ConfigError(f"{where}: unknown key [{section}] {key}; known keys: {', '.join(schema)}")
-            convert, expected = schema[key]
-            try:
-                values[key] = convert(raw)
-            except (TypeError, ValueError):
-                raise ConfigError(f"{where}: [{section}] {key} must be {expected}; got {raw!r}") from None
-        sections[section] = _SECTIONS[section](**values)
+        sections[section] = _SECTIONS[section](**_converted(table, schema, f"[{section}]", where))
     buckets = sections["buckets"]
     sections["buckets"] = Buckets(**{f.name: getattr(buckets, f.name).replace("{stage}", stage) for f in fields(Buckets)})
     return Config(stage=stage, imap=_mailboxes(data.get("imap", []), where), **sections)
+
+
+def _converted(table: dict[str, Any], schema: dict[str, tuple[Any, str]], name: str, where: str) -> dict[str, Any]:
+    """A table's values through its schema's converters; an unknown key or a bad value names `name` and the key."""
+    values = {}
+    for key, raw in table.items():
+        if key not in schema:
+            raise ConfigError(f"{where}: unknown key {name} {key}; known keys: {', '.join(schema)}")
+        convert, expected = schema[key]
+        try:
+            values[key] = convert(raw)
+        except (TypeError, ValueError):
+            raise ConfigError(f"{where}: {name} {key} must be {expected}; got {raw!r}") from None
+    return values
 
 
 def _mailboxes(tables: Any, where: str) -> tuple[ImapConfig, ...]:
@@ -375,15 +381,7 @@ def _mailboxes(tables: Any, where: str) -> tuple[ImapConfig, ...]:
     mailboxes = []
     for n, table in enumerate(tables, 1):
         name = f"[[imap]] #{n}"
-        values = {}
-        for key, raw in table.items():
-            if key not in _IMAP_SCHEMA:
-                raise ConfigError(f"{where}: unknown key {name} {key}; known keys: {', '.join(_IMAP_SCHEMA)}")
-            convert, expected = _IMAP_SCHEMA[key]
-            try:
-                values[key] = convert(raw)
-            except (TypeError, ValueError):
-                raise ConfigError(f"{where}: {name} {key} must be {expected}; got {raw!r}") from None
+        values = _converted(table, _IMAP_SCHEMA, name, where)
         for key in ("host", "username", "password_env"):
             if key not in values:
                 raise ConfigError(f"{where}: {name} needs {key}: {_IMAP_SCHEMA[key][1]}")

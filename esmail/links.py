@@ -18,7 +18,7 @@ from urllib.parse import urljoin, urlsplit
 import aiohttp
 from aiohttp.abc import ResolveResult
 
-from esmail.config import LinksConfig
+from esmail.config import DEFAULT_PORTS, LinksConfig
 from esmail.keys import safe_path
 
 MAX_LINKS = 5  # per message
@@ -59,7 +59,7 @@ def origin(url: str) -> tuple[str, str, int]:
     """(scheme, host, port) of a URL, the port filled in: what a link may be fetched from."""
     parts = urlsplit(url)
     scheme = parts.scheme.lower()
-    return scheme, (parts.hostname or "").lower(), parts.port or (443 if scheme == "https" else 80)
+    return scheme, (parts.hostname or "").lower(), parts.port or DEFAULT_PORTS.get(scheme, 0)
 
 
 class _NotPublic(OSError):
