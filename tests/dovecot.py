@@ -15,18 +15,14 @@ import subprocess
 import time
 from pathlib import Path
 
+from conftest import free_port
+
 USER, PASSWORD = "feeds", "s3cret-pass"
 DOVECOT = shutil.which("dovecot") or "/usr/sbin/dovecot"
 
 
 def available() -> bool:
     return os.path.exists(DOVECOT)
-
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
 
 
 class Dovecot:

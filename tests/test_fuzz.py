@@ -10,7 +10,6 @@ import asyncio
 import io
 import os
 import re
-import struct
 import tempfile
 import zipfile
 from dataclasses import replace
@@ -27,6 +26,8 @@ from esmail.spool import Spool
 from esmail.store import open_store
 from esmail.worker import MAX_CRASHES, Worker, process_pool
 from sheets import xls, xlsx
+from test_chain import make_zip
+from test_real_world_mail import tnef
 
 EXAMPLES = int(os.environ.get("ESMAIL_FUZZ_EXAMPLES", "200"))
 POOL = [process_pool(Config(worker=WorkerConfig(processes=1)))]
@@ -34,28 +35,13 @@ FOLDER = "fuzz/20250323-101112/"
 CSV = b"MPAN,Date,00:30,01:00\r\n2200013680374,2023-03-15,1.5,2.25\r\n\r\n2200013680375,2023-03-15,0.5,0\r\n"
 
 
-def zipped(entries: dict[str, bytes]) -> bytes:
-    buf = io.BytesIO()
-    with zipfile.ZipFile(buf, "w", zipfile.ZIP_DEFLATED) as archive:
-        for name, data in entries.items():
-            archive.writestr(name, data)
-    return buf.getvalue()
-
-
-def tnef(name: str, data: bytes) -> bytes:
-    def attribute(level: int, kind: int, ident: int, body: bytes) -> bytes:
-        return struct.pack("<BHHI", level, ident, kind, len(body)) + body + struct.pack("<H", sum(body) & 0xFFFF)
-    return (struct.pack("<IH", 0x223E9F78, 1) + attribute(2, 0x0006, 0x9002, b"\x01\x00" + b"\xff" * 12)
-            + attribute(2, 0x0001, 0x8010, name.encode() + b"\x00") + attribute(2, 0x0006, 0x800F, data))
-
-
 SEED_FILES = {
     "export.csv": CSV,
     "export.xlsx": xlsx({"A1": "MPAN", "B1": 1.5, "C1": "=1+1", "A2": "café", "B2": 45000.5}),
     "export.xls": xls({(0, 0): "MPAN", (0, 1): 2.5, (1, 0): "x"}),
-    "readings.zip": zipped({"a.csv": CSV, "sub/b.csv": CSV, "inner.zip": zipped({"c.csv": CSV})}),
+    "readings.zip": make_zip({"a.csv": CSV, "sub/b.csv": CSV, "inner.zip": make_zip({"c.csv": CSV})}),
     "portal.xls": b"<html><table><tr><td>MPAN</td><td>1.5</td></tr><tr><td colspan=2>x</td></tr></table></html>",
-    "winmail.dat": tnef("inside.csv", CSV),
+    "winmail.dat": tnef(("inside.csv", CSV)),
     "logo.png": b"\x89PNG\r\n\x1a\n" + bytes(range(256)),
 }
 

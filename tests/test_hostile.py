@@ -26,6 +26,7 @@ from esmail.chain import UNPROCESSABLE, route
 from esmail.spool import Spool
 from esmail.worker import Worker
 from sheets import xls, xlsx
+from test_chain import make_zip
 
 DOMAIN = "datafeeds.example.org"
 FOLDER = "sheffield/20250323-101112"
@@ -255,20 +256,17 @@ async def test_encoded_word_file_names_stay_safe(config, store, name, expected):
 # --- archives -----------------------------------------------------------------
 
 
-def make_zip(entries: dict[str, bytes], compression=zipfile.ZIP_DEFLATED) -> bytes:
-    buf = io.BytesIO()
-    with zipfile.ZipFile(buf, "w", compression) as archive:
-        for name, data in entries.items():
-            archive.writestr(name, data)
-    return buf.getvalue()
+def forty_two_zip() -> bytes:
+    """16 zips of 16 zips of 16 zips of one CSV: each level is small, the whole tree is not."""
+    level = make_zip({"data.csv": b"0," * 100_000})
+    for _ in range(3):
+        level = make_zip({f"{n}.zip": level for n in range(16)})
+    return level
 
 
 def test_the_42_zip_shape_is_bounded_across_nesting():
-    """16 zips of 16 zips of 16 zips…: each level is small, the whole tree is not. The attachment goes whole to unprocessable."""
-    leaf = make_zip({"data.csv": b"0," * 100_000})
-    level = leaf
-    for _ in range(3):
-        level = make_zip({f"{n}.zip": level for n in range(16)})
+    """The attachment, not a zip deep inside it, goes whole to unprocessable."""
+    level = forty_two_zip()
     outputs = route("42.zip", level)
     assert [(o.bucket, o.name, o.data) for o in outputs] == [(UNPROCESSABLE, "42.zip", level)]
     assert outputs[0].reason == f"over {chain.MAX_ZIP_ENTRIES:,} files inside, nested archives included"
@@ -437,11 +435,8 @@ def test_formulas_are_written_as_their_cached_value_never_evaluated():
 
 def hostile_files() -> dict[str, bytes]:
     """The archive and spreadsheet cases above, as files for one `esmail convert` run."""
-    leaf = make_zip({"data.csv": b"0," * 100_000})
-    for _ in range(3):
-        leaf = make_zip({f"{n}.zip": leaf for n in range(16)})
     return {
-        "42.zip": leaf,
+        "42.zip": forty_two_zip(),
         "ratio.zip": make_zip({"bomb.csv": b"0" * 150_000_000}),
         "strings.xlsx": attacked_xlsx(shared_text=b"A" * 300_000_000),
         "lol.xlsx": attacked_xlsx(b"&lol9;", b"&lol9;", BILLION_LAUGHS),
