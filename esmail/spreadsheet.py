@@ -11,7 +11,9 @@ from __future__ import annotations
 
 import io
 import re
+import tempfile
 import zipfile
+from contextlib import contextmanager
 from datetime import date, datetime, time, timedelta
 from posixpath import join, normpath
 
@@ -31,18 +33,64 @@ _BIG = 2.0**53
 
 
 def to_csv(data: bytes, kind: str) -> bytes:
-    """The first sheet of a workbook (`kind` xlsx, xls, xlsb or ods) as CSV bytes (UTF-8, `\\n` line ends)."""
+    """The first sheet of a workbook (`kind` xlsx, xls, xlsb or ods) as CSV bytes (UTF-8, `\\n` line ends).
+
+    Rows are written as calamine yields them; only the rows a fix-up may change
+    (see `_may_change`) are kept as Python values, so memory holds the lines,
+    not a million cell objects.
+    """
     xlsx = _Xlsx(data) if kind == XLSX else None
     if kind == XLS:
         _check_ole2(data)
-    try:
-        book = CalamineWorkbook.from_filelike(io.BytesIO(data))
+    sheet = _first_sheet(data, kind)
+    lines: list[str] = []
+    kept: dict[int, list] = {}
+    inexact: set[int] = set()
+    skipped = sheet.start[1] if sheet.start else 0  # iter_rows leaves out leading empty columns (not rows)
+    for r, row in enumerate(_rows(sheet, kind)):
+        try:
+            line = "," * skipped + _line(row)
+        except _Inexact:
+            line = ""
+            inexact.add(r)
+        lines.append(line)
+        if r in inexact or _may_change(line):
+            kept[r] = [""] * skipped + row
+    for r in _fix_up(kept, inexact, xlsx, data if kind == XLS else None) | inexact:
+        lines[r] = ",".join(map(_field, kept[r]))
+    lines.append("")
+    return "\n".join(lines).encode("utf-8") if len(lines) > 1 else b""
+
+
+def _first_sheet(data: bytes, kind: str):
+    """The workbook's first sheet, read by calamine from a temporary file.
+
+    From a file calamine keeps one copy of the bytes, not three (its
+    file-like reader copies them into Rust first): an 18 MB xls peaks
+    ~60 MB lower. The workbook is dropped once the sheet is out of it.
+    """
+    with _reading(kind), tempfile.NamedTemporaryFile(suffix="." + kind) as file:
+        file.write(data)
+        file.flush()
+        book = CalamineWorkbook.from_path(file.name)
         if not book.sheet_names:
             raise Unprocessable("the workbook has no sheets")
         sheet = book.get_sheet_by_index(0)
-        if sheet.width > MAX_COLUMNS or sheet.height * sheet.width > MAX_CELLS:
-            raise Unprocessable(f"the sheet is {sheet.height} rows × {sheet.width} columns, over the limit of {MAX_CELLS:,} cells or {MAX_COLUMNS:,} columns")
-        rows = sheet.to_python(skip_empty_area=False)
+    if sheet.width > MAX_COLUMNS or sheet.height * sheet.width > MAX_CELLS:
+        raise Unprocessable(f"the sheet is {sheet.height} rows × {sheet.width} columns, over the limit of {MAX_CELLS:,} cells or {MAX_COLUMNS:,} columns")
+    return sheet
+
+
+def _rows(sheet, kind: str):
+    with _reading(kind):
+        yield from sheet.iter_rows()
+
+
+@contextmanager
+def _reading(kind: str):
+    """calamine's errors, and its panics, as Unprocessable."""
+    try:
+        yield
     except Unprocessable:
         raise
     except Exception as exc:  # calamine raises its own error types and plain ValueErrors
@@ -51,20 +99,12 @@ def to_csv(data: bytes, kind: str) -> bytes:
         if type(exc).__name__ != "PanicException":
             raise
         raise Unprocessable(f"cannot read the {kind} file: the reader failed ({exc})") from None
-    lines, inexact = [], set()
-    for r, row in enumerate(rows):
-        try:
-            lines.append(_line(row))
-        except _Inexact:
-            lines.append("")
-            inexact.add(r)
-    for r in _fix_up(rows, inexact, xlsx, data if kind == XLS else None) | inexact:
-        lines[r] = ",".join(map(_field, rows[r]))
-    width = max(map(len, rows), default=0)
-    for r, row in enumerate(rows):  # calamine's rows are all one width; this keeps §5 true if not
-        if len(row) < width:
-            lines[r] += "," * (width - len(row))
-    return "".join(line + "\n" for line in lines).encode("utf-8")
+
+
+def _may_change(line: str) -> bool:
+    """Whether a fix-up could rewrite this line: it has an empty field (an error cell reads as
+    empty) or a `:` (a date-time or time, whose format may say otherwise). Dates alone cannot change."""
+    return ":" in line or ",," in line or line[:1] == "," or line[-1:] == "," or not line
 
 
 # --- writing one cell -------------------------------------------------------
@@ -147,19 +187,22 @@ def _line(row: list) -> str:
 _DATE_LIKE = {datetime, time}
 
 
-def _fix_up(rows: list[list], inexact: set[int], xlsx: "_Xlsx | None", xls: bytes | None) -> set[int]:
-    """Correct the cells calamine cannot get right, from formats and raw values; return the rows changed."""
-    dates = [(r, c) for r, row in enumerate(rows) if _DATE_LIKE.intersection(map(type, row))
+def _fix_up(rows: dict[int, list], inexact: set[int], xlsx: "_Xlsx | None", xls: bytes | None) -> set[int]:
+    """Correct the cells calamine cannot get right, from formats and raw values; return the rows changed.
+
+    `rows` holds the rows that may change, by index, with every column from A.
+    """
+    dates = [(r, c) for r, row in rows.items() if _DATE_LIKE.intersection(map(type, row))
              for c, v in enumerate(row) if type(v) in _DATE_LIKE]
+    maybe_errors = any(row.count("") for row in rows.values())  # calamine writes an error cell as ""
     changed = set()
     if xlsx is not None:
         kinds = xlsx.style_kinds()
         kinds_in_book = set(kinds.values())
         ambiguous = {rc for rc in dates if _may_differ(rows[rc[0]][rc[1]], kinds_in_book)}
-        maybe_errors = any(row.count("") for row in rows)  # calamine writes an error cell as ""
         if ambiguous or ((inexact or maybe_errors) and xlsx.has_errors_or_big_integers()):
             for (r, c), (style, kind_attr, raw) in xlsx.raw_cells(ambiguous).items():
-                if r >= len(rows) or c >= len(rows[r]):
+                if r not in rows or c >= len(rows[r]):
                     continue
                 if kind_attr == "e":
                     rows[r][c] = Raw(raw)
@@ -168,7 +211,7 @@ def _fix_up(rows: list[list], inexact: set[int], xlsx: "_Xlsx | None", xls: byte
                 elif (r, c) in ambiguous and style in kinds:
                     rows[r][c] = _as_format(rows[r][c], kinds[style])
                 changed.add(r)
-    elif xls is not None and (dates or _xls_may_have_errors(xls)):
+    elif xls is not None and (dates or (maybe_errors and _xls_may_have_errors(xls))):
         changed = _fix_up_xls(rows, xls)
     return changed
 
@@ -348,14 +391,14 @@ def _xls_may_have_errors(data: bytes) -> bool:
     return _XLS_ERROR.search(data) is not None
 
 
-def _fix_up_xls(rows: list[list], data: bytes) -> set[int]:
+def _fix_up_xls(rows: dict[int, list], data: bytes) -> set[int]:
     import xlrd
 
     book = xlrd.open_workbook(file_contents=data, formatting_info=True, on_demand=True)
     sheet = book.sheet_by_index(0)
     kinds: dict[int, str | None] = {}
     changed = set()
-    for r in range(min(sheet.nrows, len(rows))):
+    for r in (r for r in rows if r < sheet.nrows):
         for c in range(min(sheet.ncols, len(rows[r]))):
             ctype = sheet.cell_type(r, c)
             if ctype == xlrd.XL_CELL_ERROR:

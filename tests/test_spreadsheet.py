@@ -70,6 +70,13 @@ def test_range_keeps_leading_empty_rows_and_columns_and_pads():
     assert to_csv(data, "xlsx") == b',,\n,,\n,,"x"\n,1,\n'
 
 
+def test_fix_ups_land_in_their_column_when_leading_columns_are_empty():
+    """Formats and error cells are looked up by (row, column) from A1, past leading empty columns."""
+    data = xlsx({"C2": 45000.75, "D3": "#DIV/0!", "E3": 1}, {"C2": "yyyy-mm-dd"})
+    assert to_csv(data, "xlsx") == b",,,,\n,,2023-03-15,,\n,,,#DIV/0!,1\n"
+    assert to_csv(xls({(0, 2): 45000.75, (1, 3): 2.5}, {(0, 2): "yyyy-mm-dd"}), "xls") == b",,2023-03-15,\n,,,2.5\n"
+
+
 def test_empty_sheet_is_an_empty_file():
     assert to_csv(xlsx({}), "xlsx") == b""
 
