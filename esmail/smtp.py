@@ -218,29 +218,26 @@ async def read_data(reader: asyncio.StreamReader, limit: int) -> bytes | None:
     and None is returned.
     """
     chunks: list[bytes] = []
-    size = -2  # the message's size as stored, without stuffed dots; -2: the final ".\r\n" counts 3 bytes and 1 dot
+    size = 0  # the message's size as stored: dot-unstuffed, without the final ".\r\n"
     tail = b"\r\n"  # the last two bytes read: the DATA line itself ended with CRLF
     while True:
         try:
             chunk = await reader.readuntil(b".\r\n")
         except asyncio.LimitOverrunError as exc:  # no dot-CRLF in a buffer's worth: take what cannot hold one
             chunk = await reader.readexactly(exc.consumed)
-        edge = tail + chunk[:2]  # a dot-stuffed line start or the end marker may straddle two reads
-        size += len(chunk) - chunk.count(b"\r\n.") - edge.count(b"\r\n.")  # every line that starts with a dot carries one stuffed dot
+        finished = (tail + chunk[-5:]).endswith(b"\r\n.\r\n")
+        piece = chunk[:-3] if finished else chunk  # the final ".\r\n"; the CRLF before it ends the last line
+        if b"\r\n." in piece or b"\r\n." in tail + piece[:2]:  # a stuffed dot, perhaps just after the last read
+            piece = (tail + piece).replace(b"\r\n.", b"\r\n")[2:]
+        size += len(piece)
         if size <= limit:
-            chunks.append(chunk)
+            chunks.append(piece)
         elif chunks:
             chunks.clear()
-        finished = (tail + chunk[-5:]).endswith(b"\r\n.\r\n")
-        tail = (tail + chunk)[-2:] if len(chunk) < 2 else chunk[-2:]
+        tail = chunk[-2:] if len(chunk) >= 2 else (tail + chunk)[-2:]
         if finished:
             break
-    if size > limit:
-        return None
-    data = b"".join(chunks)[:-3]  # the final ".\r\n"; the CRLF before it ends the last line
-    if data.startswith(b".") or b"\r\n." in data:
-        data = (b"\r\n" + data).replace(b"\r\n.", b"\r\n")[2:]
-    return data
+    return b"".join(chunks) if size <= limit else None
 
 
 class _Busy(asyncio.Protocol):
