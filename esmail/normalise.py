@@ -31,7 +31,8 @@ def normalise(data: bytes, ascii_only: bool = False) -> bytes:
             data = _NON_ASCII.sub(b"", data)
         elif may_hold_replacements and _REPLACEMENT in data:
             data = data.replace(_REPLACEMENT, b"")
-    data = data.translate(_CR_TO_LF, b"\x00")  # and NULs dropped, in the same pass
+    if b"\r" in data or b"\x00" in data:  # clean input (a spreadsheet's CSV) is not copied
+        data = data.translate(_CR_TO_LF, b"\x00")  # and NULs dropped, in the same pass
     if not data.endswith(b"\n"):
         data += b"\n"
     data = _BLANK_LINES.sub(b"\n", data)
