@@ -46,15 +46,6 @@ class Download:
     data: bytes
 
 
-def find(text: str, patterns: tuple[str, ...]) -> list[str]:
-    """Every distinct link in `text` that a pattern matches, in order of appearance."""
-    found: dict[str, int] = {}
-    for pattern in patterns:
-        for match in re.finditer(pattern, text):
-            found.setdefault(match.group(0), match.start())
-    return sorted(found, key=found.__getitem__)
-
-
 def origin(url: str) -> tuple[str, str, int]:
     """(scheme, host, port) of a URL, the port filled in: what a link may be fetched from."""
     parts = urlsplit(url)

@@ -55,6 +55,20 @@ class EntryState:
     crashes: int = 0  # conversions of this entry that killed their process
 
 
+def read_entry(path: Path) -> tuple[Envelope, bytes]:
+    """An entry's envelope and raw message.
+
+    The message is read unbuffered, straight into one buffer: a buffered read
+    after the header line joins what it had buffered to the rest, a second
+    copy of a 40 MB message.
+    """
+    with open(path, "rb") as f:
+        header = f.readline()
+    with open(path, "rb", buffering=0) as f:
+        f.seek(len(header))
+        return _envelope(header), f.readall()
+
+
 class Spool:
     def __init__(self, path: Path, min_free: int = 0):
         self.path = Path(path)
@@ -227,10 +241,11 @@ class Spool:
         with open((folder or self.queue) / (entry_id + SUFFIX), "rb") as f:
             return _envelope(f.readline())
 
+    def entry_path(self, entry_id: str) -> Path:
+        return self.queue / (entry_id + SUFFIX)
+
     def load(self, entry_id: str) -> tuple[Envelope, bytes]:
-        data = (self.queue / (entry_id + SUFFIX)).read_bytes()
-        header, _, raw = data.partition(b"\n")
-        return _envelope(header), raw
+        return read_entry(self.entry_path(entry_id))
 
     def read_state(self, entry_id: str) -> EntryState:
         try:

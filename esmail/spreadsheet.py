@@ -56,10 +56,15 @@ def to_csv(data: bytes, kind: str) -> bytes:
         lines.append(line)
         if r in inexact or _may_change(line):
             kept[r] = [""] * skipped + row
+    del sheet  # calamine's cells: as big as the CSV, or more
     for r in _fix_up(kept, inexact, xlsx, data if kind == XLS else None) | inexact:
         lines[r] = ",".join(map(_field, kept[r]))
+    if not lines:
+        return b""
     lines.append("")
-    return "\n".join(lines).encode("utf-8") if len(lines) > 1 else b""
+    text = "\n".join(lines)
+    del lines
+    return text.encode("utf-8")
 
 
 def _first_sheet(data: bytes, kind: str):

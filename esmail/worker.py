@@ -1,7 +1,7 @@
 """The worker: a spooled message → every object stored → the spool entry removed.
 
-The conversion (`convert`) is a pure function of the raw message, run in a
-process pool so that the event loop stays free; storing happens on the loop.
+The conversion (esmail.conversion) is a pure function of the raw message, run
+in a process pool so that the event loop stays free; storing happens on the loop.
 Because keys are fixed by the envelope and the store never overwrites, a
 message processed twice (a crash, a replay) yields the same objects once.
 """
@@ -12,64 +12,26 @@ import asyncio
 import logging
 import multiprocessing
 import os
-import resource
 import time
 from concurrent.futures import ProcessPoolExecutor
 from concurrent.futures.process import BrokenProcessPool
-from dataclasses import dataclass, replace
+from dataclasses import dataclass
 
-from esmail import links, mail, metrics, report
-from esmail.chain import INBOX, UNPROCESSABLE, Output, route
+from esmail import links, metrics, report
+from esmail.chain import INBOX, UNPROCESSABLE
 from esmail.config import Config
+from esmail.conversion import convert_entry, limit_memory, route_all
 from esmail.errors import ConversionCrashed, TemporaryFailure
-from esmail.keys import unique_names
 from esmail.spool import Envelope, Spool
 from esmail.store import Store
 
 log = logging.getLogger(__name__)
 
 NO_PREFIX = "unknown"
-MAX_FILES = 1_000  # attached files in one message
 MAX_CRASHES = 2  # conversions of one entry that may kill their process (the second one alone)
 CRASHED = ("its conversion killed the converting process twice, the second time alone "
            "(a file that exhausts [worker] memory_limit, or crashes a reader)")
 MAX_BACKOFF = 600.0  # seconds: a storage outage is retried at least every 10 minutes
-
-
-@dataclass(frozen=True)
-class Converted:
-    outputs: list[Output]
-    links: list[str]  # to download: found only when the message has no attachments
-    inline_images: int  # skipped: signature logos are not data
-
-
-def convert(raw: bytes, ascii_only: bool = False, link_patterns: tuple[str, ...] = ()) -> Converted:
-    """Every output of one message's attachments, or, with none, the links in its body.
-
-    A message past the MIME limits (parts nested too deep to parse, more than
-    MAX_FILES files) is one unprocessable file, `message.eml`, the raw bytes.
-    """
-    try:
-        msg = mail.parse(raw)
-        found = mail.attachments(msg)
-    except RecursionError:
-        return _whole_message(raw, "MIME parts nested too deep to parse")
-    files = [(att.name, att.data) for att in found if not att.inline_image]
-    if len(files) > MAX_FILES:
-        return _whole_message(raw, f"{len(files):,} attached files, over the limit of {MAX_FILES:,}")
-    found_links = [] if files else links.find(mail.body_text(msg), link_patterns)
-    return Converted(route_all(files, ascii_only), found_links, len(found) - len(files))
-
-
-def _whole_message(raw: bytes, reason: str) -> Converted:
-    return Converted([Output(UNPROCESSABLE, "message.eml", raw, reason, "message")], [], 0)
-
-
-def route_all(files: list[tuple[str, bytes]], ascii_only: bool = False) -> list[Output]:
-    """Every output of these files, named uniquely per bucket (`export-2.csv` for a repeat)."""
-    outputs = [out for name, data in files for out in route(name, data, ascii_only)]
-    names = unique_names((out.bucket, out.name) for out in outputs)
-    return [replace(out, name=name) for out, (_, name) in zip(outputs, names)]
 
 
 @dataclass(frozen=True)
@@ -99,15 +61,17 @@ class Worker:
     async def process(self, entry_id: str) -> list[Stored]:
         """Store everything one spool entry yields, then remove it; TemporaryFailure leaves it queued."""
         started = time.monotonic()
-        envelope, raw = self.spool.load(entry_id)
+        envelope = self.spool.envelope(entry_id)
         alone = self.spool.read_state(entry_id).crashes > 0  # a suspect: converted in a process of its own
         try:
             with metrics.CONVERSION.time():
-                converted = await self._in_pool(alone, convert, raw, self.config.csv.ascii_only, self.config.links.patterns)
+                converted = await self._in_pool(alone, convert_entry, self.spool.entry_path(entry_id),
+                                                self.config.csv.ascii_only, self.config.links.patterns)
         except TemporaryFailure:
             raise
         except Exception as exc:  # the message itself broke the parser: keep it whole, in failed/ too
-            return await self._give_up(envelope, raw, f"cannot process the message: {type(exc).__name__}: {exc}", started)
+            return await self._give_up(envelope, self.spool.load(entry_id)[1], f"cannot process the message: {type(exc).__name__}: {exc}", started)
+        raw = self.spool.load(entry_id)[1]  # for the inbox copy, read only now: the conversion read its own
         outputs = converted.outputs
         if converted.links and envelope.folders:
             outputs = await self._in_pool(alone, route_all, await self._download(envelope, converted.links), self.config.csv.ascii_only)
@@ -349,9 +313,3 @@ def process_pool(config: Config, workers: int = 0) -> ProcessPoolExecutor:
     """The pool that runs conversions off the event loop (spawned: no inherited locks or sockets), each process memory-capped."""
     return ProcessPoolExecutor(max_workers=workers or process_pool_size(config), mp_context=multiprocessing.get_context("spawn"),
                                initializer=limit_memory, initargs=(config.worker.memory_limit,))
-
-
-def limit_memory(limit: int) -> None:
-    """Cap this process's address space: a file that makes a reader allocate without end kills this process, not the host."""
-    if limit:
-        resource.setrlimit(resource.RLIMIT_AS, (limit, limit))

@@ -1,0 +1,84 @@
+"""What runs in the conversion processes: a raw message → its outputs, or the links to fetch.
+
+Kept apart from the worker so that those processes import the parsers and
+nothing else: not aiohttp, boto or rollbar, which would cost each of them
+~30 MB for code they never run.
+"""
+
+from __future__ import annotations
+
+import re
+import resource
+from dataclasses import dataclass, replace
+from pathlib import Path
+
+from esmail import mail
+from esmail.chain import UNPROCESSABLE, Output, route
+from esmail.keys import unique_names
+from esmail.spool import read_entry
+
+MAX_FILES = 1_000  # attached files in one message
+
+
+@dataclass(frozen=True)
+class Converted:
+    outputs: list[Output]
+    links: list[str]  # to download: found only when the message has no attachments
+    inline_images: int  # skipped: signature logos are not data
+
+
+def convert(raw: bytes, ascii_only: bool = False, link_patterns: tuple[str, ...] = ()) -> Converted:
+    """Every output of one message's attachments, or, with none, the links in its body.
+
+    A message past the MIME limits (parts nested too deep to parse, more than
+    MAX_FILES files) is one unprocessable file, `message.eml`, the raw bytes.
+    """
+    try:
+        files, found_links, inline_images = _take_apart(raw, link_patterns)
+    except RecursionError:
+        return _whole_message(raw, "MIME parts nested too deep to parse")
+    if len(files) > MAX_FILES:
+        return _whole_message(raw, f"{len(files):,} attached files, over the limit of {MAX_FILES:,}")
+    del raw  # not held while the files are converted (convert_entry's caller keeps no copy)
+    return Converted(route_all(files, ascii_only), found_links, inline_images)
+
+
+def convert_entry(path: Path, ascii_only: bool = False, link_patterns: tuple[str, ...] = ()) -> Converted:
+    """`convert` of a spool entry, read here: the conversion process reads the message from
+    disk rather than have the daemon send it over a pipe (and hold it meanwhile)."""
+    return convert(read_entry(path)[1], ascii_only, link_patterns)
+
+
+def _take_apart(raw: bytes, link_patterns: tuple[str, ...]) -> tuple[list[tuple[str, bytes]], list[str], int]:
+    """The attached files, the links (only when there are no files) and the count of inline images.
+    The parsed message is gone when this returns: its payloads weigh as much as the message."""
+    msg = mail.parse(raw)
+    found = mail.attachments(msg)
+    files = [(att.name, att.data) for att in found if not att.inline_image]
+    return files, [] if files else find_links(mail.body_text(msg), link_patterns), len(found) - len(files)
+
+
+def _whole_message(raw: bytes, reason: str) -> Converted:
+    return Converted([Output(UNPROCESSABLE, "message.eml", raw, reason, "message")], [], 0)
+
+
+def route_all(files: list[tuple[str, bytes]], ascii_only: bool = False) -> list[Output]:
+    """Every output of these files, named uniquely per bucket (`export-2.csv` for a repeat)."""
+    outputs = [out for name, data in files for out in route(name, data, ascii_only)]
+    names = unique_names((out.bucket, out.name) for out in outputs)
+    return [replace(out, name=name) for out, (_, name) in zip(outputs, names)]
+
+
+def find_links(text: str, patterns: tuple[str, ...]) -> list[str]:
+    """Every distinct link in `text` that a pattern matches, in order of appearance."""
+    found: dict[str, int] = {}
+    for pattern in patterns:
+        for match in re.finditer(pattern, text):
+            found.setdefault(match.group(0), match.start())
+    return sorted(found, key=found.__getitem__)
+
+
+def limit_memory(limit: int) -> None:
+    """Cap this process's address space: a file that makes a reader allocate without end kills this process, not the host."""
+    if limit:
+        resource.setrlimit(resource.RLIMIT_AS, (limit, limit))
