@@ -47,8 +47,14 @@ def parse(raw: bytes) -> EmailMessage:
 
 
 def parse_headers(raw: bytes) -> EmailMessage:
-    """Only the headers: enough to find prefixes without decoding a 40 MB body."""
-    return BytesParser(policy=policy.default).parsebytes(raw, headersonly=True)
+    """Only the headers: enough to find prefixes without decoding a 40 MB body.
+
+    Only the bytes up to the blank line reach the parser: with `headersonly`
+    it still splits the whole body into lines.
+    """
+    ends = [i for i in (raw.find(b"\n\n"), raw.find(b"\n\r\n")) if i >= 0]
+    head = raw[:min(ends) + 1] if ends else raw
+    return BytesParser(policy=policy.default).parsebytes(head, headersonly=True)
 
 
 def header_prefix(msg: EmailMessage, domains: tuple[str, ...]) -> str | None:

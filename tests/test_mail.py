@@ -95,3 +95,12 @@ def test_a_message_is_parsed_the_same_fed_in_slices():
         msg.add_attachment(b"after", maintype="application", subtype="octet-stream", filename="b.bin")
         raw = bytes(msg).replace(b"\n", b"\r\n")
         assert [a.data for a in mail.attachments(mail.parse(raw))] == [data, b"after"]
+
+
+@pytest.mark.parametrize("eol", [b"\r\n", b"\n"])
+def test_headers_alone_are_the_headers_of_the_whole_message(eol):
+    msg = message(To="sheffield@datafeeds.example.org", X_Forwarded_To="a@b", Subject="a long subject " * 10)
+    msg.add_attachment(b"x" * 100_000, maintype="application", subtype="octet-stream", filename="a.bin")
+    raw = bytes(msg).replace(b"\n", eol)
+    assert mail.parse_headers(raw).items() == mail.parse(raw).items()
+    assert mail.parse_headers(b"To: x@y" + eol).items() == [("To", "x@y")]
