@@ -7,8 +7,10 @@ nothing else: not aiohttp, boto or rollbar, which would cost each of them
 
 from __future__ import annotations
 
+import os
 import re
 import resource
+import tempfile
 from dataclasses import dataclass, replace
 from pathlib import Path
 
@@ -20,11 +22,43 @@ from esmail.spool import read_entry
 MAX_FILES = 1_000  # attached files in one message
 
 
+SPILL_OVER = 1 << 20  # bytes of one output past which it leaves the conversion process through a file
+_spill_dir: Path | None = None  # set in each conversion process by start_process
+
+
 @dataclass(frozen=True)
 class Converted:
     outputs: list[Output]
     links: list[str]  # to download: found only when the message has no attachments
     inline_images: int  # skipped: signature logos are not data
+
+    def __reduce__(self):
+        """Leaving a conversion process, an output over 1 MB goes through a file in the spool's tmp/:
+        through the pool's pipe the daemon would hold it twice (the pipe's buffer, then the bytes)."""
+        if _spill_dir is None:
+            return Converted, (self.outputs, self.links, self.inline_images)
+        outputs = [_spill(out) if len(out.data) > SPILL_OVER else (None, out) for out in self.outputs]
+        return _unspill, (outputs, self.links, self.inline_images)
+
+
+def _spill(out: Output) -> tuple[str, Output]:
+    fd, path = tempfile.mkstemp(prefix="output-", dir=_spill_dir)
+    with os.fdopen(fd, "wb") as file:
+        file.write(out.data)
+    return path, replace(out, data=b"")
+
+
+def _unspill(outputs: list[tuple[str | None, Output]], links: list[str], inline_images: int) -> Converted:
+    """In the daemon: each spilled output read back (one copy) and its file removed."""
+    taken = []
+    for path, out in outputs:
+        if path is not None:
+            try:
+                out = replace(out, data=Path(path).read_bytes())
+            finally:
+                os.unlink(path)
+        taken.append(out)
+    return Converted(taken, links, inline_images)
 
 
 def convert(raw: bytes, ascii_only: bool = False, link_patterns: tuple[str, ...] = ()) -> Converted:
@@ -78,7 +112,10 @@ def find_links(text: str, patterns: tuple[str, ...]) -> list[str]:
     return sorted(found, key=found.__getitem__)
 
 
-def limit_memory(limit: int) -> None:
-    """Cap this process's address space: a file that makes a reader allocate without end kills this process, not the host."""
-    if limit:
-        resource.setrlimit(resource.RLIMIT_AS, (limit, limit))
+def start_process(memory_limit: int, spill_dir: str | None = None) -> None:
+    """Set up a conversion process: cap its address space (a file that makes a reader allocate
+    without end kills this process, not the host), and say where big outputs go on their way back."""
+    global _spill_dir
+    if memory_limit:
+        resource.setrlimit(resource.RLIMIT_AS, (memory_limit, memory_limit))
+    _spill_dir = Path(spill_dir) if spill_dir else None

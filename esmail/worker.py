@@ -16,11 +16,12 @@ import time
 from concurrent.futures import ProcessPoolExecutor
 from concurrent.futures.process import BrokenProcessPool
 from dataclasses import dataclass
+from pathlib import Path
 
 from esmail import links, metrics, report
 from esmail.chain import INBOX, UNPROCESSABLE
 from esmail.config import Config
-from esmail.conversion import convert_entry, limit_memory, route_all
+from esmail.conversion import convert_entry, route_all, start_process
 from esmail.errors import ConversionCrashed, TemporaryFailure
 from esmail.spool import Envelope, Spool
 from esmail.store import Store
@@ -51,7 +52,7 @@ class Worker:
         self.config = config
         self.spool = spool
         self.store = store
-        self.executor: ProcessPoolExecutor | None = process_pool(config) if processes else None
+        self.executor: ProcessPoolExecutor | None = process_pool(config, spill_dir=spool.tmp) if processes else None
         self.store_error: str | None = None  # the last store write's failure; None once one succeeds (/healthz)
 
     def close(self) -> None:
@@ -116,7 +117,7 @@ class Worker:
         """
         loop = asyncio.get_running_loop()
         if alone and self.executor is not None:
-            with process_pool(self.config, workers=1) as own:
+            with process_pool(self.config, workers=1, spill_dir=self.spool.tmp) as own:
                 try:
                     return await loop.run_in_executor(own, function, *args)
                 except BrokenProcessPool:
@@ -126,7 +127,7 @@ class Worker:
             return await loop.run_in_executor(executor, function, *args)
         except BrokenProcessPool:
             if self.executor is executor:
-                self.executor = process_pool(self.config)
+                self.executor = process_pool(self.config, spill_dir=self.spool.tmp)
                 executor.shutdown(wait=False)
             raise ConversionCrashed("a conversion process died (over [worker] memory_limit, or killed); the pool was restarted") from None
 
@@ -309,7 +310,8 @@ def process_pool_size(config: Config) -> int:
     return config.worker.processes or os.cpu_count() or 1
 
 
-def process_pool(config: Config, workers: int = 0) -> ProcessPoolExecutor:
-    """The pool that runs conversions off the event loop (spawned: no inherited locks or sockets), each process memory-capped."""
+def process_pool(config: Config, workers: int = 0, spill_dir: Path | None = None) -> ProcessPoolExecutor:
+    """The pool that runs conversions off the event loop (spawned: no inherited locks or sockets), each process
+    memory-capped; big outputs come back through files in `spill_dir` (see conversion.Converted)."""
     return ProcessPoolExecutor(max_workers=workers or process_pool_size(config), mp_context=multiprocessing.get_context("spawn"),
-                               initializer=limit_memory, initargs=(config.worker.memory_limit,))
+                               initializer=start_process, initargs=(config.worker.memory_limit, str(spill_dir) if spill_dir else None))

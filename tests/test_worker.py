@@ -105,3 +105,24 @@ async def test_mime_nested_too_deep_to_parse_is_one_unprocessable_file(config, s
     assert await bucket_contents(store, config.buckets.inbox) == {f"deep/20250323-101112/{envelope.id}.eml": raw}
     assert spool.pending() == [] and spool.failed_ids() == []
     assert "is unprocessable: MIME parts nested too deep to parse" in caplog.text
+
+
+async def test_big_outputs_come_back_from_the_pool_whole_and_leave_nothing_behind(config, store):
+    """A CSV over 1 MB returns from the conversion process through a file in the spool's tmp/: stored whole, file gone."""
+    rows = b"".join(b"2200013680374,%d.5\r\n" % i for i in range(120_000))  # ~2.3 MB
+    msg = EmailMessage()
+    msg["To"] = "sheffield@datafeeds.example.org"
+    msg.set_content("see attached")
+    msg.add_attachment(rows, maintype="text", subtype="csv", filename="big.csv")
+    msg.add_attachment(CSV, maintype="text", subtype="csv", filename="small.csv")
+    spool = Spool(config.spool.path)
+    envelope = spool.accept(bytes(msg), ["sheffield"], received=RECEIVED)
+    worker = Worker(config, spool, store, processes=True)
+    try:
+        await worker.process(envelope.id)
+    finally:
+        worker.close()
+    folder = "sheffield/20250323-101112"
+    assert await bucket_contents(store, config.buckets.amr_data) == {
+        f"{folder}/big.csv": rows.replace(b"\r\n", b"\n"), f"{folder}/small.csv": b"MPAN,00:30\n2200013680374,1.5\n"}
+    assert list(spool.tmp.iterdir()) == [] and spool.pending() == []
