@@ -7,6 +7,7 @@ nothing else: not aiohttp, boto or rollbar, which would cost each of them
 
 from __future__ import annotations
 
+import contextlib
 import os
 import re
 import resource
@@ -20,8 +21,6 @@ from esmail.keys import unique_names
 from esmail.spool import read_entry
 
 MAX_FILES = 1_000  # attached files in one message
-
-
 SPILL_OVER = 1 << 20  # bytes of one output past which it leaves the conversion process through a file
 _spill_dir: Path | None = None  # set in each conversion process by start_process
 
@@ -41,10 +40,18 @@ class Converted:
         return _unspill, (outputs, self.links, self.inline_images)
 
 
-def _spill(out: Output) -> tuple[str, Output]:
-    fd, path = tempfile.mkstemp(prefix="output-", dir=_spill_dir)
-    with os.fdopen(fd, "wb") as file:
-        file.write(out.data)
+def _spill(out: Output) -> tuple[str | None, Output]:
+    """The output written to a file; if that fails (a full disk), the output as it is, through the pipe."""
+    path = None
+    try:
+        fd, path = tempfile.mkstemp(prefix="output-", dir=_spill_dir)
+        with os.fdopen(fd, "wb") as file:
+            file.write(out.data)
+    except OSError:
+        if path is not None:
+            with contextlib.suppress(OSError):
+                os.unlink(path)
+        return None, out
     return path, replace(out, data=b"")
 
 
