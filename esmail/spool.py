@@ -125,11 +125,7 @@ class Spool:
 
     def new_envelope(self, prefixes: list[str], received: datetime | None = None, **fields) -> Envelope:
         """The envelope of a message about to be written: its id and key folders (DESIGN §3)."""
-        received = (received or datetime.now(timezone.utc)).replace(microsecond=0)
-        entry_id = fields.pop("entry_id", None) or f"{received:%Y%m%d-%H%M%S}-{secrets.token_hex(4)}"
-        with self._lock:
-            folders = {prefix: self._allocate(prefix, received) for prefix in dict.fromkeys(prefixes)}
-        return Envelope(entry_id, received.isoformat(), folders, **{**fields, "recipients": tuple(fields.get("recipients", ()))})
+        return self._envelope_for(received, prefixes, fields)
 
     def write_entry(self, envelope: Envelope, raw: bytes) -> None:
         self.ensure_space(len(raw))
@@ -163,15 +159,24 @@ class Spool:
         An entry is never in queue/ half-written. On failure none of them is
         queued (none was acknowledged) and TemporaryFailure is raised.
         """
-        names = [envelope.id + SUFFIX for envelope in envelopes]
         try:
-            sync_files(self.tmp, [self.tmp / name for name in names])
-            for name in names:
-                os.rename(self.tmp / name, self.queue / name)
-            fsync_dir(self.queue)
+            self.sync_written(envelopes)
+            self.enqueue(envelopes)
+            self.sync_queue()
         except OSError as exc:
             self.discard(envelopes)
             raise self.failure(exc) from exc
+
+    def sync_written(self, envelopes: list[Envelope]) -> None:
+        """Flush the written files to disk, all at once."""
+        sync_files(self.tmp, [self.tmp / (envelope.id + SUFFIX) for envelope in envelopes])
+
+    def enqueue(self, envelopes: list[Envelope]) -> None:
+        for envelope in envelopes:
+            os.rename(self.tmp / (envelope.id + SUFFIX), self.queue / (envelope.id + SUFFIX))
+
+    def sync_queue(self) -> None:
+        fsync_dir(self.queue)
 
     def discard(self, envelopes: list[Envelope]) -> None:
         """Remove messages that were written but never acknowledged."""
@@ -224,6 +229,13 @@ class Spool:
             except (OSError, ValueError):  # finished meanwhile: the next one is the oldest
                 continue
         return 0.0
+
+    def _envelope_for(self, received: datetime | None, prefixes: list[str], fields: dict) -> Envelope:
+        received = (received or datetime.now(timezone.utc)).replace(microsecond=0)
+        entry_id = fields.pop("entry_id", None) or f"{received:%Y%m%d-%H%M%S}-{secrets.token_hex(4)}"
+        with self._lock:
+            folders = {prefix: self._allocate(prefix, received) for prefix in dict.fromkeys(prefixes)}
+        return Envelope(entry_id, received.isoformat(), folders, **{**fields, "recipients": tuple(fields.get("recipients", ()))})
 
     def _allocate(self, prefix: str, received: datetime) -> str:
         """The key folder for a prefix: `-2`, `-3`, … for a second message in the same second."""
