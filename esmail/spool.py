@@ -14,7 +14,6 @@ writes the same keys.
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import json
 import os
 import secrets
@@ -119,39 +118,15 @@ class Spool:
 
     def write(self, raw: bytes, prefixes: list[str], **fields) -> Envelope:
         """Write a message to tmp/: not yet durable, not yet in the queue (see `publish`)."""
-        envelope = self.new_envelope(prefixes, **fields)
-        self.write_entry(envelope, raw)
-        return envelope
-
-    def new_envelope(self, prefixes: list[str], received: datetime | None = None, **fields) -> Envelope:
-        """The envelope of a message about to be written: its id and key folders (DESIGN §3)."""
-        return self._envelope_for(received, prefixes, fields)
-
-    def write_entry(self, envelope: Envelope, raw: bytes) -> None:
         self.ensure_space(len(raw))
+        envelope = self._envelope_for(fields.pop("received", None), prefixes, fields)
         tmp = self.tmp / (envelope.id + SUFFIX)
         try:
             write_unsynced(tmp, json.dumps(vars(envelope), separators=(",", ":")).encode(), b"\n", raw)
         except OSError as exc:
-            with contextlib.suppress(OSError):
-                tmp.unlink(missing_ok=True)
+            tmp.unlink(missing_ok=True)
             raise self.failure(exc) from exc
-
-    def commit(self, messages: list[tuple[Envelope, bytes]]) -> dict[str, TemporaryFailure]:
-        """Write messages, make them durable with one flush and queue them; return those that failed, by id."""
-        failed: dict[str, TemporaryFailure] = {}
-        written = []
-        for envelope, raw in messages:
-            try:
-                self.write_entry(envelope, raw)
-                written.append(envelope)
-            except TemporaryFailure as exc:
-                failed[envelope.id] = exc
-        try:
-            self.publish(written)
-        except TemporaryFailure as exc:
-            failed.update(dict.fromkeys((envelope.id for envelope in written), exc))
-        return failed
+        return envelope
 
     def publish(self, envelopes: list[Envelope]) -> None:
         """Make written messages durable and queue them: one flush for all, renames, one fsync of queue/.
@@ -182,8 +157,7 @@ class Spool:
         """Remove messages that were written but never acknowledged."""
         for envelope in envelopes:
             for folder in (self.tmp, self.queue):
-                with contextlib.suppress(OSError):  # a folder that is not there (the failure itself) holds nothing
-                    (folder / (envelope.id + SUFFIX)).unlink(missing_ok=True)
+                (folder / (envelope.id + SUFFIX)).unlink(missing_ok=True)
 
     def failure(self, exc: OSError) -> TemporaryFailure:
         return TemporaryFailure(f"cannot write to the spool {self.path}: {exc.strerror or exc}")
@@ -327,22 +301,20 @@ class Spool:
 class GroupCommit:
     """Spools the messages of concurrent sessions together, so that they share one flush to disk.
 
-    The event loop only names each message (its envelope); a thread writes
-    every message that arrived meanwhile, flushes them with one syncfs,
-    renames them into the queue and fsyncs it: the system calls run off the
-    loop, and one thread hand-off serves the batch. An idle server adds no
-    delay; a busy one flushes in batches.
+    Each message is written on the event loop (a page-cache copy: quick, and
+    no thread hand-off per message); the flush runs in a thread, for every
+    message written meanwhile. An idle server adds no delay; a busy one flushes in batches.
     """
 
     def __init__(self, spool: Spool):
         self.spool = spool
-        self._waiting: list[tuple[Envelope, bytes, asyncio.Future]] = []
+        self._waiting: list[tuple[Envelope, asyncio.Future]] = []
         self._flusher: asyncio.Task | None = None
 
     async def accept(self, raw: bytes, prefixes: list[str], **fields) -> Envelope:
-        envelope = self.spool.new_envelope(prefixes, **fields)
+        envelope = self.spool.write(raw, prefixes, **fields)
         future = asyncio.get_running_loop().create_future()
-        self._waiting.append((envelope, raw, future))
+        self._waiting.append((envelope, future))
         if self._flusher is None or self._flusher.done():
             self._flusher = asyncio.create_task(self._flush())
         await future
@@ -351,17 +323,22 @@ class GroupCommit:
     async def _flush(self) -> None:
         while self._waiting:
             batch, self._waiting = self._waiting, []
-            try:
-                failed = await asyncio.to_thread(self.spool.commit, [(envelope, raw) for envelope, raw, _ in batch])
-            except Exception as exc:  # a bug: then these messages are not ours, and none may stay queued
-                failed = {envelope.id: exc for envelope, _, _ in batch}
-                self.spool.discard([envelope for envelope, _, _ in batch])
-            for envelope, _, future in batch:
-                if not future.done():
-                    if envelope.id in failed:
-                        future.set_exception(failed[envelope.id])
-                    else:
-                        future.set_result(None)
+            envelopes = [envelope for envelope, _ in batch]
+            failure = None
+            try:  # the flushes wait for the disk, in a thread; the renames are quick, on the loop
+                await asyncio.to_thread(self.spool.sync_written, envelopes)
+                self.spool.enqueue(envelopes)
+                await asyncio.to_thread(self.spool.sync_queue)
+            except Exception as exc:  # a disk error, or a bug: either way these messages are not ours
+                self.spool.discard(envelopes)
+                failure = self.spool.failure(exc) if isinstance(exc, OSError) else exc
+            for _, future in batch:
+                if future.done():
+                    continue
+                if failure:
+                    future.set_exception(failure)
+                else:
+                    future.set_result(None)
 
 
 def _envelope(header: bytes) -> Envelope:
