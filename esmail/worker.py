@@ -52,7 +52,7 @@ class Worker:
         self.config = config
         self.spool = spool
         self.store = store
-        self.executor: ProcessPoolExecutor | None = process_pool(config, spill_dir=spool.tmp) if processes else None
+        self.executor: ProcessPoolExecutor | None = self._new_pool() if processes else None
         self.store_error: str | None = None  # the last store write's failure; None once one succeeds (/healthz)
 
     def close(self) -> None:
@@ -71,7 +71,7 @@ class Worker:
         except TemporaryFailure:
             raise
         except Exception as exc:  # the message itself broke the parser: keep it whole, in failed/ too
-            return await self._give_up(envelope, self.spool.load(entry_id)[1], f"cannot process the message: {type(exc).__name__}: {exc}", started)
+            return await self._give_up(entry_id, f"cannot process the message: {type(exc).__name__}: {exc}", started)
         raw = self.spool.load(entry_id)[1]  # for the inbox copy, read only now: the conversion read its own
         outputs = converted.outputs
         if converted.links and envelope.folders:
@@ -117,7 +117,7 @@ class Worker:
         """
         loop = asyncio.get_running_loop()
         if alone and self.executor is not None:
-            with process_pool(self.config, workers=1, spill_dir=self.spool.tmp) as own:
+            with self._new_pool(workers=1) as own:
                 try:
                     return await loop.run_in_executor(own, function, *args)
                 except BrokenProcessPool:
@@ -127,9 +127,12 @@ class Worker:
             return await loop.run_in_executor(executor, function, *args)
         except BrokenProcessPool:
             if self.executor is executor:
-                self.executor = process_pool(self.config, spill_dir=self.spool.tmp)
+                self.executor = self._new_pool()
                 executor.shutdown(wait=False)
             raise ConversionCrashed("a conversion process died (over [worker] memory_limit, or killed); the pool was restarted") from None
+
+    def _new_pool(self, workers: int = 0) -> ProcessPoolExecutor:
+        return process_pool(self.config, workers, spill_dir=self.spool.tmp)
 
     async def _download(self, envelope: Envelope, urls: list[str]) -> list[tuple[str, bytes]]:
         """The files behind a message's links; a link that fails is logged and left out (DESIGN §6)."""
@@ -161,12 +164,10 @@ class Worker:
             crashed = isinstance(exc, ConversionCrashed)
             state = self.spool.record_attempt(entry_id, f"{type(exc).__name__}: {exc}" if not isinstance(exc, TemporaryFailure) else str(exc), crashed)
             if state.crashes >= MAX_CRASHES:
-                envelope, raw = self.spool.load(entry_id)
-                await self._give_up(envelope, raw, CRASHED)
+                await self._give_up(entry_id, CRASHED)
                 return None
             if state.attempts >= self.config.worker.max_attempts:
-                envelope, raw = self.spool.load(entry_id)
-                await self._give_up(envelope, raw, f"gave up after {state.attempts} attempts; the last error: {state.last_error}")
+                await self._give_up(entry_id, f"gave up after {state.attempts} attempts; the last error: {state.last_error}")
                 return None
             delay = backoff(state.attempts)
             metrics.RETRIES.inc()
@@ -175,8 +176,9 @@ class Worker:
             log.log(level, "%s: attempt %d of %d failed (%s); next in %.0fs", entry_id, state.attempts, self.config.worker.max_attempts, exc, delay)
             return delay
 
-    async def _give_up(self, envelope: Envelope, raw: bytes, reason: str, started: float | None = None) -> list[Stored]:
+    async def _give_up(self, entry_id: str, reason: str, started: float | None = None) -> list[Stored]:
         """A permanent failure: the raw message to inbox and unprocessable (when storage lets us), the entry to failed/."""
+        envelope, raw = self.spool.load(entry_id)
         log.error("%s: %s", envelope.id, reason)
         report.problem("a message failed for good: its raw copy went to unprocessable, its entry to failed/",
                        prefix=",".join(envelope.folders) or NO_PREFIX, reason=reason, spool_id=envelope.id)
@@ -222,7 +224,7 @@ class Worker:
                 state = self.spool.record_attempt(entry_id, str(exc), isinstance(exc, ConversionCrashed))
                 log.warning("%s: attempt %d failed: %s", entry_id, state.attempts, exc)
                 if state.crashes >= MAX_CRASHES:
-                    return await self._give_up(*self.spool.load(entry_id), CRASHED)
+                    return await self._give_up(entry_id, CRASHED)
                 if attempt == attempts:
                     raise
                 await asyncio.sleep(backoff(attempt, first_delay))
