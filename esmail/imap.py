@@ -22,6 +22,7 @@ import threading
 import time
 from collections.abc import Callable
 from datetime import datetime, timezone
+from email.message import EmailMessage
 
 from esmail import mail, report
 from esmail.config import ImapConfig
@@ -129,8 +130,9 @@ class Mailbox:
             return 0  # expunged meanwhile by another client
         head, raw = parts[0]
         received = _internaldate(head)
-        key = identity(raw)
-        prefixes = [self.config.prefix] if self.config.prefix else [p for p in [mail.header_prefix(mail.parse_headers(raw), self.domains)] if p]
+        headers = mail.parse_headers(raw)
+        key = identity(raw, headers)
+        prefixes = [self.config.prefix] if self.config.prefix else [p for p in [mail.header_prefix(headers, self.domains)] if p]
         envelope = self.spool.accept_once(raw, prefixes, key, received, origin="imap", client=self.config.host,
                                           sender=self.config.username, recipients=tuple(prefixes))
         if envelope is not None:
@@ -221,9 +223,10 @@ def _readable(conn: imaplib.IMAP4, timeout: float) -> bool:
     return bool(select.select([sock], [], [], timeout)[0])
 
 
-def identity(raw: bytes) -> str:
-    """Message-ID plus a digest of the bytes: the same message fetched twice has the same identity."""
-    message_id = mail.parse_headers(raw).get("Message-ID", "") or ""
+def identity(raw: bytes, headers: EmailMessage | None = None) -> str:
+    """Message-ID plus a digest of the bytes: the same message fetched twice has the same identity.
+    `headers`: the message's, when the caller has parsed them already."""
+    message_id = (headers if headers is not None else mail.parse_headers(raw)).get("Message-ID", "") or ""
     return hashlib.sha256(str(message_id).strip().encode("utf-8", "replace") + b"\0" + hashlib.sha256(raw).digest()).hexdigest()
 
 
