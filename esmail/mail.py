@@ -52,7 +52,9 @@ def parse_headers(raw: bytes) -> EmailMessage:
     Only the bytes up to the blank line reach the parser: with `headersonly`
     it still splits the whole body into lines.
     """
-    ends = [i for i in (raw.find(b"\n\n"), raw.find(b"\n\r\n")) if i >= 0]
+    crlf = raw.find(b"\n\r\n")
+    lf = raw.find(b"\n\n", 0, crlf if crlf >= 0 else len(raw))  # not past the CRLF one: no scan of a 40 MB body
+    ends = [i for i in (lf, crlf) if i >= 0]
     head = raw[:min(ends) + 1] if ends else raw
     return BytesParser(policy=policy.default).parsebytes(head, headersonly=True)
 
