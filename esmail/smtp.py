@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import asyncio
 import functools
+import inspect
 import logging
 import re
 import socket
@@ -32,6 +33,9 @@ MAX_RECIPIENTS = 100  # DESIGN §7: 452 4.5.3 past this, the sender sends those 
 READ_BUFFER = 256 * 1024  # bytes a session may buffer; aiosmtpd's 1,001 would make bulk reads crawl
 SHUTDOWN_GRACE = 30.0  # seconds a transaction in progress may take to finish at shutdown
 _SIZE_PARAM = re.compile(r"(?:^|\s)SIZE=(\d+)", re.IGNORECASE)
+_ATOMS = r"[A-Za-z0-9!#$%&'*+/=?^_`{|}~-]+(?:\.[A-Za-z0-9!#$%&'*+/=?^_`{|}~-]+)*"
+# `<local@domain>` with dot-atoms, then parameters (not a comment): what aiosmtpd's parser gives, in 0.5 µs instead of 47
+_PLAIN_PATH = re.compile(rf"<({_ATOMS}@[A-Za-z0-9-]+(?:\.[A-Za-z0-9-]+)*)>[ \t]*(?![( \t])")
 
 INTERNAL_ERROR = "451 4.3.0 Internal error; please try again later"
 HANG_UP_GRACE = 5.0  # seconds a closing connection may take to drain its last replies
@@ -65,6 +69,10 @@ class Receiver:
         self.config = config
         self.committer = committer
         self.on_spooled = on_spooled
+
+    def __dir__(self) -> list[str]:
+        """The hooks only: aiosmtpd lists the handler's attributes on every new session to find them."""
+        return _HOOKS
 
     async def handle_EHLO(self, server: SMTP, session: SmtpSession, envelope: SmtpEnvelope, hostname: str, responses: list[str]) -> list[str]:
         # esmail checks the size itself, so aiosmtpd is given no limit and SIZE is advertised here; no AUTH
@@ -125,6 +133,10 @@ class Receiver:
         return INTERNAL_ERROR
 
 
+_HOOKS = [name for name in dir(Receiver) if name.startswith("handle_")]
+Receiver.handle_EHLO.__signature__ = inspect.signature(Receiver.handle_EHLO)  # aiosmtpd reads it on every new session: once here
+
+
 class Connection(SMTP):
     """One SMTP session: aiosmtpd's protocol, with DATA read in bulk and a limit on the session's length."""
 
@@ -136,6 +148,31 @@ class Connection(SMTP):
         self.max_message_size = handler.config.max_message_size
         self._deadline: asyncio.TimerHandle | None = None
         self._in_data = False
+
+    def __dir__(self) -> list[str]:
+        """The commands and AUTH mechanisms only: what aiosmtpd looks for, with dir() and inspect.getmembers(), on every new session.
+
+        Listing every attribute (and reading each, properties included), and
+        the same for the handler, was most of the cost of a new session:
+        with the EHLO hook's signature also read once, 29 µs instead of 115.
+        """
+        return _COMMANDS
+
+    def _getaddr(self, arg: str) -> tuple[str | None, str | None]:
+        """The address of MAIL FROM or RCPT TO, and the parameters after it.
+
+        A plain `<local@domain>` is matched here; anything else (quotes,
+        comments, a null path, an address literal, UTF-8) goes to aiosmtpd's
+        parser, which takes 47 µs (it declares a class on every call): 10% of
+        the event loop's time for small messages.
+        """
+        plain = _PLAIN_PATH.match(arg)
+        if plain is None:
+            return super()._getaddr(arg)
+        address = plain.group(1)
+        if self.local_part_limit and len(address.rpartition("@")[0]) > self.local_part_limit:
+            return None, None
+        return address, arg[plain.end():]
 
     def data_received(self, data: bytes) -> None:
         """In DATA every packet counts as activity: command_timeout is for silence, not for a slow but busy sender."""
@@ -207,6 +244,9 @@ class Connection(SMTP):
         finally:
             self._set_post_data_state()
         await self.push(status)
+
+
+_COMMANDS = [name for name in dir(Connection) if name.startswith(("smtp_", "auth_"))]
 
 
 async def read_data(reader: asyncio.StreamReader, limit: int) -> bytes | None:
