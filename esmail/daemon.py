@@ -36,7 +36,8 @@ class Daemon:
         self.store = open_store(config)
         self.worker = Worker(config, self.spool, self.store, processes=True)
         self.scheduler = Scheduler(self.worker, concurrency=process_pool_size(config))
-        receiver = Receiver(config.smtp, GroupCommit(self.spool), self.scheduler.submit)
+        self.committer = GroupCommit(self.spool)
+        receiver = Receiver(config.smtp, self.committer, self.scheduler.submit)
         self.smtp = SmtpServer(config.smtp, receiver) if listen else None
         self.mailboxes = [Mailbox(box, config.secrets[box.password_env], self.spool, self._submit_threadsafe, config.smtp.domains,
                                   config.smtp.max_message_size) for box in config.imap]
@@ -69,6 +70,7 @@ class Daemon:
             self.notifier.notify("STOPPING=1", "STATUS=stopping: sessions finish their message")
             if self.smtp:
                 await self.smtp.stop()
+                await self.committer.close()
         finally:
             for mailbox in self.mailboxes:
                 mailbox.stop()

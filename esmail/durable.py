@@ -19,9 +19,12 @@ def write_synced(path: Path, *chunks: bytes) -> None:
         os.fsync(f.fileno())
 
 
-def write_unsynced(path: Path, *chunks: bytes) -> None:
-    """Write a new file that `sync_files` will make durable together with others (three system calls)."""
-    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+def write_unsynced(path: Path, *chunks: bytes, new: bool = True) -> None:
+    """Write a file that `sync_files` will make durable together with others (three system calls).
+
+    `new`: create it (it must not exist); else it exists, empty (see `Spool.make_blanks`).
+    """
+    fd = os.open(path, os.O_WRONLY | (os.O_CREAT | os.O_EXCL if new else 0), 0o600)
     try:
         written = os.writev(fd, chunks)
         rest = memoryview(b"".join(chunks))[written:] if written < sum(map(len, chunks)) else b""
