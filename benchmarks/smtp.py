@@ -198,6 +198,20 @@ def daemon(work: Path) -> Server:
     return Server([sys.executable, "-m", "esmail", "--config", str(work / "esmail.toml"), "--log-level", "warning", "serve"], port)
 
 
+def create_cost_us(folder: Path, count: int = 300) -> float:
+    """Microseconds to create an empty file in `folder`: kernel work that varies with the filesystem's state
+    (on this project's VM, 18–700 µs from one folder to the next). The receiver creates one per message."""
+    folder.mkdir(parents=True, exist_ok=True)
+    probes = [folder / f"probe-{n}" for n in range(count)]
+    started = time.perf_counter()
+    for probe in probes:
+        probe.touch(exist_ok=False)
+    elapsed = time.perf_counter() - started
+    for probe in probes:
+        probe.unlink()
+    return elapsed / count * 1e6
+
+
 # --- memory ---------------------------------------------------------------------
 
 def peak_rss_mb(pid: int) -> float:
@@ -264,7 +278,8 @@ def main() -> None:
     work = Path(tempfile.mkdtemp(prefix="esmail-bench-"))
     try:
         client = "Postfix smtp-source, a connection per message" if shutil.which("smtp-source") else "the script's client, sessions kept open"
-        print(f"{args.sessions} concurrent sessions ({client}), ~{args.seconds:.0f} s per measurement, {os.cpu_count()} cores\n")
+        print(f"{args.sessions} concurrent sessions ({client}), ~{args.seconds:.0f} s per measurement, {os.cpu_count()} cores")
+        print(f"spool in {work} (TMPDIR chooses); creating a file there takes {create_cost_us(work / 'spool-5000' / 'tmp'):.0f} µs\n")
         print(f"{'server':48} {'msg/s':>8}   ratio (target)")
         rates = {}
         for size, label, target in ((5_000, "5 KB", 0.8), (1_000_000, "1 MB", 3.0)):
