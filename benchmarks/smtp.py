@@ -200,7 +200,7 @@ def daemon(work: Path) -> Server:
 
 def create_cost_us(folder: Path, count: int = 300) -> float:
     """Microseconds to create an empty file in `folder`: kernel work that varies with the filesystem's state
-    (on this project's VM, 18–700 µs from one folder to the next). The receiver creates one per message."""
+    (on this project's VM, 16–840 µs from one folder to the next). The receiver creates one per message."""
     folder.mkdir(parents=True, exist_ok=True)
     probes = [folder / f"probe-{n}" for n in range(count)]
     started = time.perf_counter()
