@@ -146,9 +146,9 @@ class Spool:
         blanks = []
         try:
             for _ in range(count):
-                path = self.tmp / f"blank-{secrets.token_hex(8)}"
-                os.close(os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600))
-                blanks.append(path)
+                fd, path = tempfile.mkstemp(prefix="blank-", dir=self.tmp)
+                os.close(fd)
+                blanks.append(Path(path))
         except OSError:
             pass
         return blanks
