@@ -39,6 +39,7 @@ _PLAIN_PATH = re.compile(rf"<({_ATOMS}@[A-Za-z0-9-]+(?:\.[A-Za-z0-9-]+)*)>[ \t]*
 
 INTERNAL_ERROR = "451 4.3.0 Internal error; please try again later"
 HANG_UP_GRACE = 5.0  # seconds a closing connection may take to drain its last replies
+YIELD_EVERY = 32  # replies a session may send before it lets the others run
 SHUTTING_DOWN = "421 4.3.2 Service shutting down; please try again later"
 
 
@@ -65,10 +66,13 @@ def _counted(command: str):
 class Receiver:
     """aiosmtpd handler: the checks of DESIGN §7 at MAIL and RCPT, and the spool at DATA."""
 
-    def __init__(self, config: SmtpConfig, committer: GroupCommit, on_spooled: Callable[[str], None]):
+    def __init__(self, config: SmtpConfig, committer: GroupCommit, on_spooled: Callable[[str], None],
+                 feeds: frozenset[str] | None = None):
+        """`feeds`: the only prefixes taken ([smtp] unknown_feeds = "reject"); None: any."""
         self.config = config
         self.committer = committer
         self.on_spooled = on_spooled
+        self.feeds = feeds
 
     def __dir__(self) -> list[str]:
         """The hooks only: aiosmtpd lists the handler's attributes on every new session to find them."""
@@ -100,8 +104,11 @@ class Receiver:
             return f"452 4.5.3 Too many recipients: at most {MAX_RECIPIENTS} per message"
         if self.config.domains and domain_of(address) not in self.config.domains:
             return f"550 5.1.1 <{address}>: Recipient address rejected: not a data feed domain here"
-        if prefix_of(address) is None:
+        prefix = prefix_of(address)
+        if prefix is None:
             return f"550 5.1.3 <{address}>: Bad recipient address syntax: use a-z 0-9 . _ + - in the local part"
+        if self.feeds is not None and prefix not in self.feeds:
+            return f"550 5.1.1 <{address}>: Recipient address rejected: no such data feed here"
         envelope.rcpt_tos.append(address)
         envelope.rcpt_options.extend(options)
         return "250 2.1.5 Ok"
@@ -148,6 +155,7 @@ class Connection(SMTP):
         self.max_message_size = handler.config.max_message_size
         self._deadline: asyncio.TimerHandle | None = None
         self._in_data = False
+        self._replies = 0
 
     def __dir__(self) -> list[str]:
         """The commands and AUTH mechanisms only: what aiosmtpd looks for, with dir() and inspect.getmembers(), on every new session.
@@ -173,6 +181,20 @@ class Connection(SMTP):
         if self.local_part_limit and len(address.rpartition("@")[0]) > self.local_part_limit:
             return None, None
         return address, arg[plain.end():]
+
+    async def push(self, status: str) -> None:
+        """Send a reply; every YIELD_EVERY replies, let the other sessions run.
+
+        aiosmtpd reads the next command without yielding when it is already
+        buffered, so a client that pipelines megabytes of commands (and
+        never reads the replies, which loopback's socket buffers take by the
+        megabyte) would hold the event loop for seconds: every other
+        session would wait, and time out.
+        """
+        await super().push(status)
+        self._replies += 1
+        if self._replies % YIELD_EVERY == 0:
+            await asyncio.sleep(0)
 
     def data_received(self, data: bytes) -> None:
         """In DATA every packet counts as activity: command_timeout is for silence, not for a slow but busy sender."""
