@@ -190,12 +190,35 @@ def accept_server(spool: Path) -> Server:
     return Server([sys.executable, str(HERE), "_serve_accept", str(port), str(spool)], port)
 
 
-def daemon(work: Path) -> Server:
+def daemon(work: Path, more: str = "") -> Server:
     port = free_port()
     (work / "esmail.toml").write_text(
         f'[smtp]\nlisten = "127.0.0.1:{port}"\nhostname = "bench"\n[storage]\npath = "{work / "data"}"\n'
-        f'[spool]\npath = "{work / "spool"}"\nmin_free = 0\n')
+        f'[spool]\npath = "{work / "spool"}"\nmin_free = 0\n{more}')
     return Server([sys.executable, "-m", "esmail", "--config", str(work / "esmail.toml"), "--log-level", "warning", "serve"], port)
+
+
+def dns_server():
+    """A DNS server on loopback (dnslib, in a thread) that gives supplier.example an SPF record passing 127.0.0.1."""
+    from dnslib import QTYPE, RR, TXT
+    from dnslib.server import BaseResolver, DNSLogger, DNSServer
+
+    class Zone(BaseResolver):
+        def resolve(self, request, handler):
+            reply = request.reply()
+            if str(request.q.qname).rstrip(".").lower() == "supplier.example" and QTYPE[request.q.qtype] == "TXT":
+                reply.add_answer(RR(request.q.qname, QTYPE.TXT, rdata=TXT("v=spf1 ip4:127.0.0.1 -all"), ttl=60))
+            return reply
+
+    server = DNSServer(Zone(), address="127.0.0.1", port=free_port(), logger=DNSLogger(logf=lambda _: None))
+    server.start_thread()
+    return server
+
+
+def feeds_daemon(work: Path, dns_port: int) -> Server:
+    """`esmail serve` with a feed declared: every message is authenticated (SPF, DKIM, DMARC) in the worker."""
+    return daemon(work, f'[dns]\nnameservers = ["127.0.0.1:{dns_port}"]\n'
+                        '[[feed]]\nprefix = "feed"\nsenders = ["*@supplier.example"]\nauthenticated = true\n')
 
 
 def create_cost_us(folder: Path, count: int = 300) -> float:
@@ -282,10 +305,15 @@ def main() -> None:
         print(f"spool in {work} (TMPDIR chooses); creating a file there takes {create_cost_us(work / 'spool-5000' / 'tmp'):.0f} µs\n")
         print(f"{'server':48} {'msg/s':>8}   ratio (target)")
         rates = {}
+        dns = dns_server()
+        serve = "esmail serve (also converts and stores)"
         for size, label, target in ((5_000, "5 KB", 0.8), (1_000_000, "1 MB", 3.0)):
-            for name, start in (("bare aiosmtpd, discards", bare_server),
-                                ("esmail receiver + fsync'd spool", lambda: accept_server(work / f"spool-{size}")),
-                                ("esmail serve (also converts and stores)", lambda: daemon(_fresh(work / f"daemon-{size}")))):
+            servers = [("bare aiosmtpd, discards", bare_server),
+                       ("esmail receiver + fsync'd spool", lambda: accept_server(work / f"spool-{size}")),
+                       (serve, lambda: daemon(_fresh(work / f"daemon-{size}")))]
+            if size == 5_000:
+                servers.append(("esmail serve, a [[feed]] declared", lambda: feeds_daemon(_fresh(work / "feeds"), dns.server.server_address[1])))
+            for name, start in servers:
                 server = start()
                 try:
                     rates[(size, name)] = rate(server.port, size, args.sessions, args.seconds)
@@ -294,7 +322,10 @@ def main() -> None:
                 bare = rates[(size, "bare aiosmtpd, discards")]
                 measured = rates[(size, name)]
                 ratio = "" if name.startswith("bare") else f"{measured / bare:.2f}× bare" + (f" (≥ {target}×)" if "spool" in name else "")
+                if "feed" in name:
+                    ratio += f", {measured / rates[(size, serve)]:.2f}× without feeds (≥ 0.9×)"
                 print(f"{label + ' · ' + name:48} {measured:8.1f}   {ratio}", flush=True)
+        dns.stop()
 
         print()
         xlsx = big_xlsx()

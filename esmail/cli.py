@@ -15,7 +15,7 @@ from email.message import EmailMessage
 from email.utils import make_msgid
 from pathlib import Path
 
-from esmail import __version__, chain, config as config_module, logs, mail, report
+from esmail import __version__, chain, config as config_module, logs, mail, report, resolver
 from esmail.config import Config
 from esmail.daemon import Daemon
 from esmail.errors import CannotListen, ConfigError, TemporaryFailure
@@ -81,14 +81,25 @@ def _parser() -> argparse.ArgumentParser:
     send.add_argument("--insecure", action="store_true", help="use STARTTLS without checking the certificate (self-signed test servers)")
     send.set_defaults(run=_send)
 
-    spool = commands.add_parser("spool", parents=[common], help="list spooled messages, or retry failed ones",
-                                description="Inspect the spool: messages waiting to be stored, and those that failed for good.")
+    spool = commands.add_parser("spool", parents=[common], help="list spooled messages; retry failed ones, release quarantined ones",
+                                description="Inspect the spool: messages waiting to be stored, those that failed for good, "
+                                            "and those a feed's policy quarantined.")
     spool_commands = spool.add_subparsers(title="spool commands", required=True, metavar="ACTION")
-    spool_list = spool_commands.add_parser("list", parents=[common], help="pending and failed entries: id, age, recipients, attempts, last error")
+    spool_list = spool_commands.add_parser("list", parents=[common], help="pending, failed and quarantined entries",
+                                           description="One row per pending or failed entry (id, state, age, recipients, attempts, "
+                                                       "last error) and per quarantined entry and prefix (the reason names the From).")
     spool_list.set_defaults(run=_spool_list)
-    spool_retry = spool_commands.add_parser("retry", parents=[common], help="move failed entries (all, or those named) back to the queue")
-    spool_retry.add_argument("ids", nargs="*", metavar="ID")
+    spool_retry = spool_commands.add_parser("retry", parents=[common], help="move failed entries (all, or those named) back to the queue",
+                                            description="Move failed entries back to the queue; a running esmail serve or poll takes "
+                                                        "them within a minute.")
+    spool_retry.add_argument("ids", nargs="*", metavar="ID", help="entry ids from `esmail spool list` (default: every failed entry)")
     spool_retry.set_defaults(run=_spool_retry)
+    spool_release = spool_commands.add_parser("release", parents=[common], help="let quarantined entries through, as if they had passed",
+                                              description="Move quarantined entries back to the queue, to be processed as if their "
+                                                          "feed's policy had passed them (the log says which reason was overridden); "
+                                                          "a running esmail serve or poll takes them within a minute.")
+    spool_release.add_argument("ids", nargs="+", metavar="ID", help="entry ids from `esmail spool list` (state quarantined)")
+    spool_release.set_defaults(run=_spool_release)
 
     ingest = commands.add_parser("ingest", parents=[common], help="process .eml files through the spool, worker and store",
                                  description="Process raw messages (.eml) as if they had just been received: every object goes to the "
@@ -184,6 +195,8 @@ async def _ingest(config: Config, args) -> int:
                 continue
             for item in stored:
                 print(item, flush=True)
+            for prefix, reason in spool.held(entry_id).items():
+                print(f"quarantined: {prefix}: {reason}", flush=True)
     finally:
         worker.close()
         await store.close()
@@ -227,6 +240,13 @@ async def _check_config(config: Config, args) -> int:
                 status = 1
     finally:
         await store.close()
+    if config.feeds:
+        name = _probe_name(config)
+        try:
+            print(f"ok      dns: {await asyncio.to_thread(resolver.probe, config.dns, name)}")
+        except resolver.DnsTrouble as exc:
+            print(f"FAILED  dns: {exc} ([dns] nameservers; SPF, DKIM and DMARC need a resolver that answers)")
+            status = 1
     for box in config.imap:
         try:
             count = await asyncio.to_thread(count_messages, box, config.secrets[box.password_env])
@@ -235,6 +255,16 @@ async def _check_config(config: Config, args) -> int:
             print(f"FAILED  imap {box}: {describe(exc)}")
             status = 1
     return status
+
+
+def _probe_name(config: Config) -> str:
+    """A name worth asking the resolver about: a feed sender's domain, else a feed domain of ours."""
+    for feed in config.feeds:
+        for glob in feed.senders:
+            domain = glob.rpartition("@")[2].removeprefix("*.")
+            if not any(c in domain for c in "*?[]"):
+                return domain
+    return config.smtp.domains[0] if config.smtp.domains else "example.org"
 
 
 def _send(config: Config, args) -> int:
@@ -296,19 +326,43 @@ def _spool_list(config: Config, args) -> int:
         return 1
     now = datetime.now(timezone.utc)
     rows = [("ID", "STATE", "AGE", "RECIPIENTS", "ATTEMPTS", "LAST ERROR")]
-    for state, ids, folder in (("pending", spool.pending(), spool.queue), ("failed", spool.failed_ids(), spool.failed)):
+    for state, ids, folder in (("pending", spool.pending(), spool.queue), ("failed", spool.failed_ids(), spool.failed),
+                               ("quarantined", spool.quarantined_ids(), spool.quarantine_dir)):
         for entry_id in ids:
             try:
                 envelope = spool.envelope(entry_id, folder)
             except (OSError, ValueError):
                 continue  # finished while we looked
+            age = _age(now - envelope.received_at)
+            if state == "quarantined":
+                rows += [(entry_id, state, age, prefix, "-", reason) for prefix, reason in envelope.held.items()]
+                continue
             entry = spool.read_state(entry_id)
             recipients = ",".join(envelope.recipients) or ",".join(envelope.folders) or "-"
-            rows.append((entry_id, state, _age(now - envelope.received_at), recipients, str(entry.attempts),
-                         entry.reason or entry.last_error or "-"))
+            rows.append((entry_id, state, age, recipients, str(entry.attempts), entry.reason or entry.last_error or "-"))
     widths = [max(len(row[i]) for row in rows) for i in range(5)]
     for row in rows:
         print("  ".join(cell.ljust(width) for cell, width in zip(row, widths)) + "  " + row[5])
+    return 0
+
+
+def _spool_release(config: Config, args) -> int:
+    spool = _existing_spool(config, "release")
+    if spool is None:
+        return 1
+    missing = [entry_id for entry_id in args.ids if entry_id not in set(spool.quarantined_ids())]
+    if missing:
+        print(f"esmail spool release: not in {spool.quarantine_dir}: {', '.join(missing)} (see `esmail spool list`)", file=sys.stderr)
+        return 1
+    try:
+        released = spool.release(args.ids)
+    except FileExistsError as exc:
+        print(f"esmail spool release: {exc} is still being processed; try again in a minute", file=sys.stderr)
+        return 1
+    for envelope in released:
+        for prefix, reason in envelope.held.items():
+            print(f"released {envelope.id} for {prefix} (was: {reason})")
+    print("a running esmail serve or poll takes them within a minute")
     return 0
 
 

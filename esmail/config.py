@@ -7,6 +7,7 @@ working directory when there is no file), never from the TOML.
 
 from __future__ import annotations
 
+import ipaddress
 import os
 import re
 import tomllib
@@ -63,6 +64,7 @@ class SmtpConfig:
     command_timeout: float = 300.0  # idle time allowed between commands and between DATA packets
     session_timeout: float = 1800.0  # a whole connection, however busy
     max_sessions: int = 100
+    unknown_feeds: str = "accept"  # "reject": RCPT for a prefix with no [[feed]] gets 550 5.1.1
 
 
 @dataclass(frozen=True)
@@ -88,6 +90,7 @@ class Buckets:
 class SpoolConfig:
     path: Path = Path("./esmail-spool")
     min_free: int = 500_000_000  # refuse mail (451) rather than fill the disk
+    quarantine_days: float = 30.0  # quarantined entries older than this are dropped (the inbox copy stays)
 
 
 @dataclass(frozen=True)
@@ -114,9 +117,27 @@ class ImapConfig:
     processed_folder: str = "Processed"
     poll_interval: float = 60.0
     prefix: str | None = None  # for a mailbox that serves one feed; else from the headers (DESIGN §2)
+    trusted_authserv_id: str | None = None  # the provider whose Authentication-Results (SPF, DMARC) are believed
 
     def __str__(self) -> str:
         return f"{self.username}@{self.host}:{self.port}/{self.folder}"
+
+
+@dataclass(frozen=True)
+class FeedConfig:
+    """One `[[feed]]`: a prefix esmail knows, and who may write to it (DESIGN §12)."""
+
+    prefix: str
+    name: str = ""
+    senders: tuple[str, ...] = ()  # header From address globs, lower-case; empty: anyone
+    authenticated: bool = False  # the From domain must pass DMARC's alignment test
+    expected_every: float | None = None  # seconds; late after 1.5 × this without a message
+
+
+@dataclass(frozen=True)
+class DnsConfig:
+    nameservers: tuple[Address, ...] = ()  # empty: the system's resolver (/etc/resolv.conf)
+    timeout: float = 5.0  # seconds for every lookup of one message together
 
 
 @dataclass(frozen=True)
@@ -173,7 +194,9 @@ class Config:
     links: LinksConfig = LinksConfig()
     http: HttpConfig = HttpConfig()
     rollbar: RollbarConfig = RollbarConfig()
+    dns: DnsConfig = DnsConfig()
     imap: tuple[ImapConfig, ...] = ()
+    feeds: tuple[FeedConfig, ...] = ()
     secrets: Mapping[str, str] = field(default_factory=dict, repr=False)
     source: Path | None = None
 
@@ -185,13 +208,19 @@ class Config:
             value = getattr(self, section)
             for f in fields(value):
                 lines.append(f"{f.name} = {_show(getattr(value, f.name))}")
-        for mailbox in self.imap:
-            lines.append("[[imap]]")
-            lines += [f"{f.name} = {_show(getattr(mailbox, f.name))}" for f in fields(mailbox)]
+        for table, values in [("imap", self.imap), ("feed", self.feeds)]:
+            for value in values:
+                lines.append(f"[[{table}]]")
+                lines += [f"{f.name} = {_show(getattr(value, f.name))}" for f in fields(value)]
         lines.append("# secrets (environment or .env.{stage})")
         for name in (*SECRET_NAMES, *(m.password_env for m in self.imap)):
             lines.append(f"# {name}: {'set (****)' if self.secrets.get(name) else 'not set'}")
         return "\n".join(lines)
+
+
+    def feed(self, prefix: str) -> FeedConfig | None:
+        """The `[[feed]]` declared for a prefix, or None."""
+        return next((feed for feed in self.feeds if feed.prefix == prefix), None)
 
 
 def _show(value: Any) -> str:
@@ -241,6 +270,14 @@ def parse_address(text: str) -> Address:
     return Address(host.strip("[]") or "0.0.0.0", int(port))
 
 
+def _one_of(*choices: str):
+    def check(v: Any) -> str:
+        if v not in choices:
+            raise ValueError
+        return v
+    return check
+
+
 def _at_least_one(v: Any) -> int:
     if _positive_int(v) < 1:
         raise ValueError
@@ -254,6 +291,46 @@ def _patterns(v: Any) -> tuple[str, ...]:
         re.compile(pattern)  # re.error is a ValueError
         pattern_origin(pattern)
     return tuple(v)
+
+
+def _nameserver(text: Any) -> Address:
+    """`"127.0.0.1"`, `"127.0.0.1:5353"`, `"::1"` or `"[::1]:5353"`: an IP address (a resolver is not looked up by name)."""
+    text = _str(text)
+    address = parse_address(text) if text.startswith("[") or text.count(":") == 1 else Address(text, 53)
+    ipaddress.ip_address(address.host)  # ValueError: not an IP address
+    return address
+
+
+def _nameservers(v: Any) -> tuple[Address, ...]:
+    if not isinstance(v, list):
+        raise TypeError
+    return tuple(map(_nameserver, v))
+
+
+_DURATION = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*([smhd]?)\s*$")
+
+
+def parse_duration(v: Any) -> float:
+    """`"1d"`, `"12h"`, `"30m"`, `"90s"` or a number of seconds → seconds."""
+    if isinstance(v, (int, float)) and not isinstance(v, bool) and v > 0:
+        return float(v)
+    match = _DURATION.match(v) if isinstance(v, str) else None
+    if not match or float(match.group(1)) <= 0:
+        raise ValueError
+    return float(match.group(1)) * {"": 1, "s": 1, "m": 60, "h": 3600, "d": 86400}[match.group(2)]
+
+
+_GLOB = re.compile(r"[^@\s]+@[^@\s]+")
+
+
+def _senders(v: Any) -> tuple[str, ...]:
+    """Address globs (`*@sheffield.gov.uk`): one @, no spaces, brackets closed; lower-cased (they match case-insensitively)."""
+    if not isinstance(v, list) or not all(isinstance(g, str) for g in v):
+        raise TypeError
+    for glob in v:
+        if not _GLOB.fullmatch(glob) or glob.count("[") != glob.count("]"):
+            raise ValueError(glob)
+    return tuple(g.lower() for g in v)
 
 
 def _domains(v: Any) -> tuple[str, ...]:
@@ -274,6 +351,7 @@ _SCHEMA: dict[str, dict[str, tuple[Any, str]]] = {
         "command_timeout": (_seconds, "a number of seconds greater than 0"),
         "session_timeout": (_seconds, "a number of seconds greater than 0"),
         "max_sessions": (_at_least_one, "at least 1 (a whole number of concurrent connections)"),
+        "unknown_feeds": (_one_of("accept", "reject"), '"accept" (any prefix) or "reject" (550 5.1.1 for a prefix with no [[feed]])'),
     },
     "storage": {
         "backend": (_str, '"local" or "s3"'),
@@ -285,6 +363,7 @@ _SCHEMA: dict[str, dict[str, tuple[Any, str]]] = {
     "spool": {
         "path": (lambda v: Path(_str(v)), "a folder path"),
         "min_free": (parse_size, 'a size such as "500MB"'),
+        "quarantine_days": (_seconds, "a number of days greater than 0"),
     },
     "worker": {
         "processes": (_positive_int, "a whole number of processes (0: one per core)"),
@@ -299,6 +378,10 @@ _SCHEMA: dict[str, dict[str, tuple[Any, str]]] = {
         "max_bytes": (parse_size, 'a size such as "100MB"'),
         "attempts": (_at_least_one, "at least 1 (a whole number of tries)"),
     },
+    "dns": {
+        "nameservers": (_nameservers, 'a list of resolver IP addresses, each with an optional port, e.g. ["127.0.0.1", "[::1]:5353"]'),
+        "timeout": (_seconds, "a number of seconds greater than 0 (for all lookups of one message)"),
+    },
     "http": {"listen": (parse_address, 'an address and port such as "127.0.0.1:9025"')},
     "rollbar": {"endpoint": (_str, 'the API URL, "https://api.rollbar.com/api/1/" unless you run your own')},
 }
@@ -312,10 +395,18 @@ _IMAP_SCHEMA: dict[str, tuple[Any, str]] = {
     "processed_folder": (_str, 'the folder fetched messages move to, e.g. "Processed"'),
     "poll_interval": (_seconds, "a number of seconds greater than 0"),
     "prefix": (_str, 'a feed prefix such as "sheffield" (a-z 0-9 . _ + -)'),
+    "trusted_authserv_id": (_str, 'the authserv-id of the provider\'s Authentication-Results header, e.g. "mx.google.com"'),
+}
+_FEED_SCHEMA: dict[str, tuple[Any, str]] = {
+    "prefix": (_str, 'the recipient\'s local part, e.g. "sheffield" (a-z 0-9 . _ + -, no leading, trailing or double dot)'),
+    "name": (_str, 'a name for people, e.g. "Sheffield City Council"'),
+    "senders": (_senders, 'a list of header From address globs such as ["*@sheffield.gov.uk", "exports@npower.example"]'),
+    "authenticated": (_bool, "true or false"),
+    "expected_every": (parse_duration, 'a duration such as "1d", "12h", "30m" or a number of seconds'),
 }
 _SECTIONS = {
     "smtp": SmtpConfig, "storage": StorageConfig, "buckets": Buckets, "spool": SpoolConfig,
-    "worker": WorkerConfig, "csv": CsvConfig, "links": LinksConfig, "http": HttpConfig, "rollbar": RollbarConfig,
+    "worker": WorkerConfig, "csv": CsvConfig, "links": LinksConfig, "dns": DnsConfig, "http": HttpConfig, "rollbar": RollbarConfig,
 }
 
 
@@ -342,7 +433,7 @@ def load(path: str | os.PathLike | None = None, environ: Mapping[str, str] | Non
 
 
 def _build(data: dict[str, Any], where: str) -> Config:
-    known = set(_SCHEMA) | {"stage", "imap"}
+    known = set(_SCHEMA) | {"stage", "imap", "feed"}
     for key in data:
         if key not in known:
             raise ConfigError(f"{where}: unknown key '{key}'; known top-level keys: {', '.join(sorted(known))}")
@@ -357,7 +448,7 @@ def _build(data: dict[str, Any], where: str) -> Config:
         sections[section] = _SECTIONS[section](**_converted(table, schema, f"[{section}]", where))
     buckets = sections["buckets"]
     sections["buckets"] = Buckets(**{f.name: getattr(buckets, f.name).replace("{stage}", stage) for f in fields(Buckets)})
-    return Config(stage=stage, imap=_mailboxes(data.get("imap", []), where), **sections)
+    return Config(stage=stage, imap=_mailboxes(data.get("imap", []), where), feeds=_feeds(data.get("feed", []), where), **sections)
 
 
 def _converted(table: dict[str, Any], schema: dict[str, tuple[Any, str]], name: str, where: str) -> dict[str, Any]:
@@ -374,12 +465,34 @@ def _converted(table: dict[str, Any], schema: dict[str, tuple[Any, str]], name: 
     return values
 
 
+def _tables(tables: Any, key: str, each: str, where: str) -> list[dict[str, Any]]:
+    if not isinstance(tables, list) or not all(isinstance(t, dict) for t in tables):
+        raise ConfigError(f"{where}: '{key}' must be an array of tables ([[{key}]], one per {each})")
+    return tables
+
+
+def _feeds(tables: Any, where: str) -> tuple[FeedConfig, ...]:
+    """The `[[feed]]` array of tables: known prefixes, each once."""
+    feeds: dict[str, FeedConfig] = {}
+    for n, table in enumerate(_tables(tables, "feed", "feed", where), 1):
+        name = f"[[feed]] #{n}"
+        values = _converted(table, _FEED_SCHEMA, name, where)
+        prefix = values.get("prefix")
+        if prefix is None:
+            raise ConfigError(f"{where}: {name} needs prefix: {_FEED_SCHEMA['prefix'][1]}")
+        if prefix_of(prefix) != prefix:
+            raise ConfigError(f"{where}: {name} prefix must be {_FEED_SCHEMA['prefix'][1]}; got {prefix!r}")
+        if prefix in feeds:
+            raise ConfigError(f"{where}: {name} prefix = {prefix!r} is declared twice; merge the two [[feed]] tables into one")
+        values.setdefault("authenticated", bool(values.get("senders")))
+        feeds[prefix] = FeedConfig(**values)
+    return tuple(feeds.values())
+
+
 def _mailboxes(tables: Any, where: str) -> tuple[ImapConfig, ...]:
     """The `[[imap]]` array of tables, each checked as a section is."""
-    if not isinstance(tables, list) or not all(isinstance(t, dict) for t in tables):
-        raise ConfigError(f"{where}: 'imap' must be an array of tables ([[imap]], one per mailbox)")
     mailboxes = []
-    for n, table in enumerate(tables, 1):
+    for n, table in enumerate(_tables(tables, "imap", "mailbox", where), 1):
         name = f"[[imap]] #{n}"
         values = _converted(table, _IMAP_SCHEMA, name, where)
         for key in ("host", "username", "password_env"):
@@ -413,6 +526,9 @@ def _checked(config: Config, where: str) -> Config:
         if not config.secrets.get(mailbox.password_env):
             raise ConfigError(f"{where}: [[imap]] #{n} password_env = {mailbox.password_env!r}: that environment variable is not set; "
                               f"put the password of {mailbox.username} in it (or in .env.{config.stage})")
+    if smtp.unknown_feeds == "reject" and not config.feeds:
+        raise ConfigError(f'{where}: [smtp] unknown_feeds = "reject" refuses every recipient when no [[feed]] is declared; '
+                          'declare the feeds (a [[feed]] table with prefix = "…" each) or set unknown_feeds = "accept"')
     if len(set(vars(config.buckets).values())) != 3:
         raise ConfigError(f"{where}: [buckets] inbox, amr_data and unprocessable must be three different buckets")
     return config

@@ -25,6 +25,7 @@ from esmail.worker import Scheduler, Worker, process_pool_size
 log = logging.getLogger(__name__)
 
 WORKER_GRACE = 10.0  # seconds entries in progress may take to finish at shutdown
+HOUSEKEEPING_EVERY = 3600.0  # seconds between sweeps of the quarantine
 
 
 class Daemon:
@@ -37,7 +38,8 @@ class Daemon:
         self.worker = Worker(config, self.spool, self.store, processes=True)
         self.scheduler = Scheduler(self.worker, concurrency=process_pool_size(config))
         self.committer = GroupCommit(self.spool)
-        receiver = Receiver(config.smtp, self.committer, self.scheduler.submit)
+        known = frozenset(feed.prefix for feed in config.feeds) if config.smtp.unknown_feeds == "reject" else None
+        receiver = Receiver(config.smtp, self.committer, self.scheduler.submit, known)
         self.smtp = SmtpServer(config.smtp, receiver) if listen else None
         self.mailboxes = [Mailbox(box, config.secrets[box.password_env], self.spool, self._submit_threadsafe, config.smtp.domains,
                                   config.smtp.max_message_size) for box in config.imap]
@@ -51,6 +53,7 @@ class Daemon:
         if stale:
             log.warning("removed %d unacknowledged partial messages a crash left in %s", stale, self.spool.tmp)
         scheduler = asyncio.create_task(self.scheduler.run())
+        housekeeping = asyncio.create_task(self._housekeeping())
         heartbeat = None
         self._loop = asyncio.get_running_loop()
         watchers = ThreadPoolExecutor(max(len(self.mailboxes), 1), thread_name_prefix="imap")
@@ -81,6 +84,7 @@ class Daemon:
                 await self.monitor.stop()
             if heartbeat is not None:
                 heartbeat.cancel()
+            housekeeping.cancel()
             scheduler.cancel()
             if not await self.scheduler.finish(WORKER_GRACE):
                 log.warning("entries still in progress stay in the spool for the next start")
@@ -110,6 +114,15 @@ class Daemon:
             lines = ["WATCHDOG=1"] if self.notifier.watchdog else []
             self.notifier.notify(*lines, f"STATUS={self.status()}")
 
+    async def _housekeeping(self) -> None:
+        """At start and hourly: quarantined entries past [spool] quarantine_days are dropped."""
+        while True:
+            for envelope in await asyncio.to_thread(self.spool.drop_quarantined, self.config.spool.quarantine_days):
+                log.info("%s: dropped from quarantine after %g days (%s); its inbox copy stays", envelope.id,
+                         self.config.spool.quarantine_days, "; ".join(f"{p}: {r}" for p, r in envelope.held.items()),
+                         extra={"spool_id": envelope.id, "prefixes": list(envelope.held)})
+            await asyncio.sleep(HOUSEKEEPING_EVERY)
+
     def _announce(self) -> None:
         smtp = self.config.smtp
         for mailbox in self.mailboxes:
@@ -117,6 +130,10 @@ class Daemon:
         if self.smtp is None:
             log.info("no SMTP server (esmail poll); spool %s, %d entries waiting", self.spool.path, len(self.spool.pending()))
             return
+        for feed in self.config.feeds:
+            who = ", ".join(feed.senders) or "anyone"
+            log.info("feed %s%s: from %s%s", feed.prefix, f" ({feed.name})" if feed.name else "", who,
+                     ", authenticated" if feed.authenticated else "")
         if not smtp.domains:
             log.warning("[smtp] domains is empty: mail for any domain is accepted (fine on localhost, an open door on the internet)")
         log.info("listening on %s (port %d), spool %s, %d entries waiting", smtp.listen, self.smtp.port, self.spool.path, len(self.spool.pending()))

@@ -134,13 +134,14 @@ class Mailbox:
         key = identity(raw, headers)
         prefixes = [self.config.prefix] if self.config.prefix else [p for p in [mail.header_prefix(headers, self.domains)] if p]
         envelope = self.spool.accept_once(raw, prefixes, key, received, origin="imap", client=self.config.host,
-                                          sender=self.config.username, recipients=tuple(prefixes))
+                                          sender=self.config.username, recipients=tuple(prefixes),
+                                          trusted_authserv_id=self.config.trusted_authserv_id or "")
         if envelope is not None:
             log.info("%s: queued %d bytes (UID %s) for %s", envelope.id, len(raw), uid.decode(), ",".join(envelope.folders) or "nobody",
                      extra={"spool_id": envelope.id, "client": self.config.host, "prefixes": list(envelope.folders), "size": len(raw)})
             self.on_spooled(envelope.id)
         self._move(conn, uid)
-        self.spool.release(key)
+        self.spool.forget_taken(key)
         return envelope is not None
 
     def _move(self, conn: imaplib.IMAP4, uid: bytes) -> None:

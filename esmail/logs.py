@@ -13,7 +13,7 @@ import logging
 import sys
 from datetime import datetime, timezone
 
-FIELDS = ("spool_id", "client", "sender", "prefixes", "size", "outcome", "seconds", "objects", "bucket", "key", "bytes", "rule", "link")
+FIELDS = ("spool_id", "client", "sender", "prefixes", "size", "outcome", "seconds", "objects", "bucket", "key", "bytes", "rule", "link", "reason", "authentication")
 
 
 class JsonFormatter(logging.Formatter):

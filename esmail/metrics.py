@@ -13,7 +13,10 @@ REGISTRY = CollectorRegistry()
 
 SMTP_REPLIES = Counter("esmail_smtp_replies", "Final replies to MAIL, RCPT and DATA (and 421 at connect), by command and code",
                        ["command", "code"], registry=REGISTRY)
-MESSAGES = Counter("esmail_messages", "Spool entries finished by the worker: stored, or failed (to failed/)", ["outcome"], registry=REGISTRY)
+MESSAGES = Counter("esmail_messages", "Spool entries finished by the worker: stored, quarantined (every prefix refused it), or failed (to failed/)",
+                   ["outcome"], registry=REGISTRY)
+QUARANTINED = Counter("esmail_quarantined", "Messages a feed's policy quarantined, by prefix and kind of reason (sender, unauthenticated)",
+                      ["prefix", "reason"], registry=REGISTRY)
 OBJECTS = Counter("esmail_objects_stored", "Objects written to storage, by logical bucket", ["bucket"], registry=REGISTRY)
 STORED_BYTES = Counter("esmail_stored_bytes", "Bytes written to storage, by logical bucket", ["bucket"], registry=REGISTRY)
 CONVERSION = Histogram("esmail_conversion_seconds", "Time to parse and convert one message in the process pool",
@@ -22,4 +25,6 @@ RETRIES = Counter("esmail_retries", "Worker attempts that failed temporarily and
 LINK_DOWNLOADS = Counter("esmail_link_downloads", "Link downloads, by outcome (ok, failed)", ["outcome"], registry=REGISTRY)
 SPOOL_DEPTH = Gauge("esmail_spool_depth", "Messages waiting in the spool", registry=REGISTRY)
 SPOOL_OLDEST = Gauge("esmail_spool_oldest_seconds", "Age of the oldest message waiting in the spool (0: none)", registry=REGISTRY)
+SPOOL_QUARANTINED = Gauge("esmail_spool_quarantined", "Entries in the spool's quarantine/ folder, waiting for a human to release them",
+                          registry=REGISTRY)
 SPOOL_FAILED = Gauge("esmail_spool_failed", "Entries in the spool's failed/ folder, waiting for a human", registry=REGISTRY)

@@ -72,4 +72,5 @@ class Monitor:
         metrics.SPOOL_DEPTH.set(len(spool.pending()))
         metrics.SPOOL_OLDEST.set(spool.oldest_age())
         metrics.SPOOL_FAILED.set(len(spool.failed_ids()))
+        metrics.SPOOL_QUARANTINED.set(len(spool.quarantined_ids()))
         return generate_latest(metrics.REGISTRY)

@@ -3,7 +3,9 @@
     {spool}/tmp/      being written, and empty blank-* files made ahead for the receiver; never read
     {spool}/queue/    {id}.msg: one line of JSON envelope, then the raw message
     {spool}/failed/   entries that exhausted their attempts, with {id}.reason
-    {spool}/state/    {id}.json: attempts and last error (advisory)
+    {spool}/quarantine/  entries a feed's policy refused (DESIGN §12), for a human to release
+    {spool}/state/    {id}.json: attempts, last error, authentication results (advisory)
+    {spool}/taken/    marks of mailbox messages spooled but not yet moved out of their folder
 
 An entry is written to tmp/, fsync'd, renamed into queue/ and the folder
 fsync'd; only then does the receiver say "accepted". The key folders of
@@ -20,7 +22,7 @@ import secrets
 import tempfile
 import threading
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field, replace
 from datetime import datetime, timezone
 from pathlib import Path
 
@@ -41,6 +43,10 @@ class Envelope:
     client: str = ""
     helo: str = ""
     origin: str = "smtp"  # smtp, imap or ingest
+    trusted_authserv_id: str = ""  # IMAP: the provider whose Authentication-Results are believed
+    # Set when a feed's policy quarantines the entry (quarantine/), kept when a human releases it (queue/):
+    held: dict[str, str] = field(default_factory=dict)  # prefix → why it was quarantined
+    authentication: str = ""  # the Authentication-Results header it was judged by, reused when released
 
     @property
     def received_at(self) -> datetime:
@@ -60,6 +66,7 @@ class EntryState:
     last_error: str = ""
     reason: str = ""  # why it failed for good (failed/ only)
     crashes: int = 0  # conversions of this entry that killed their process
+    authentication: dict | None = None  # the final results, so that a replay stores the same inbox copy
 
 
 def read_entry(path: Path) -> tuple[Envelope, bytes]:
@@ -80,8 +87,9 @@ class Spool:
     def __init__(self, path: Path, min_free: int = 0):
         self.path = Path(path)
         self.min_free = min_free
-        self.tmp, self.queue, self.failed, self.state, self.taken = (self.path / d for d in ("tmp", "queue", "failed", "state", "taken"))
-        for folder in (self.tmp, self.queue, self.failed, self.state, self.taken):
+        self.tmp, self.queue, self.failed, self.quarantine_dir, self.state, self.taken = (
+            self.path / d for d in ("tmp", "queue", "failed", "quarantine", "state", "taken"))
+        for folder in (self.tmp, self.queue, self.failed, self.quarantine_dir, self.state, self.taken):
             folder.mkdir(parents=True, exist_ok=True)
         self._lock = threading.Lock()
         self._folders_used: dict[tuple[str, str], int] = {}
@@ -119,7 +127,7 @@ class Spool:
             raise self.failure(exc) from exc
         return envelope
 
-    def release(self, key: str) -> None:
+    def forget_taken(self, key: str) -> None:
         """The mailbox has let go of the message: forget its mark."""
         (self.taken / key).unlink(missing_ok=True)
 
@@ -129,7 +137,7 @@ class Spool:
         envelope = self._envelope_for(fields.pop("received", None), prefixes, fields)
         path = blank or self.tmp / (envelope.id + SUFFIX)
         try:
-            write_unsynced(path, json.dumps(vars(envelope), separators=(",", ":")).encode(), b"\n", raw, new=blank is None)
+            write_unsynced(path, _encoded(envelope), b"\n", raw, new=blank is None)
         except OSError as exc:
             path.unlink(missing_ok=True)
             raise self.failure(exc) from exc
@@ -247,10 +255,13 @@ class Spool:
 
     def pending(self) -> list[str]:
         """Queued entry ids in arrival order."""
-        return sorted(p.name[: -len(SUFFIX)] for p in self.queue.iterdir() if p.name.endswith(SUFFIX))
+        return _ids(self.queue)
 
     def failed_ids(self) -> list[str]:
-        return sorted(p.name[: -len(SUFFIX)] for p in self.failed.iterdir() if p.name.endswith(SUFFIX))
+        return _ids(self.failed)
+
+    def quarantined_ids(self) -> list[str]:
+        return _ids(self.quarantine_dir)
 
     def envelope(self, entry_id: str, folder: Path | None = None) -> Envelope:
         with open((folder or self.queue) / (entry_id + SUFFIX), "rb") as f:
@@ -269,6 +280,11 @@ class Spool:
             return EntryState()
 
     # --- finishing -----------------------------------------------------------
+
+    def record_authentication(self, entry_id: str, authentication: dict) -> None:
+        state = self.read_state(entry_id)
+        state.authentication = authentication
+        self._write_state(entry_id, state)
 
     def record_attempt(self, entry_id: str, error: str, crashed: bool = False) -> EntryState:
         state = self.read_state(entry_id)
@@ -306,6 +322,56 @@ class Spool:
             moved.append(entry_id)
         fsync_dir(self.queue)
         return moved
+
+    def quarantine(self, entry_id: str, held: dict[str, str], authentication: str) -> None:
+        """Keep a copy of the entry in quarantine/ for the prefixes a feed refused, with the reasons and the
+        results they were judged by. Named by the entry's id: a replay after a crash writes the same file."""
+        envelope, raw = self.load(entry_id)
+        envelope = replace(envelope, folders={p: f for p, f in envelope.folders.items() if p in held}, held=held,
+                           authentication=authentication)
+        tmp = self.tmp / f"{entry_id}.quarantine"
+        try:
+            write_synced(tmp, _encoded(envelope), b"\n", raw)
+            os.replace(tmp, self.quarantine_dir / (entry_id + SUFFIX))
+            fsync_dir(self.quarantine_dir)
+        except OSError as exc:
+            tmp.unlink(missing_ok=True)
+            raise self.failure(exc) from exc
+
+    def release(self, entry_ids: list[str]) -> list[Envelope]:
+        """Move quarantined entries back to the queue, to be processed as if they had passed; their envelopes.
+        KeyError for an id not in quarantine/; FileExistsError while the original is still queued."""
+        for entry_id in entry_ids:
+            if not (self.quarantine_dir / (entry_id + SUFFIX)).exists():
+                raise KeyError(entry_id)
+            if self.entry_path(entry_id).exists():
+                raise FileExistsError(entry_id)
+        released = [self.envelope(entry_id, self.quarantine_dir) for entry_id in entry_ids]
+        for entry_id in entry_ids:
+            os.rename(self.quarantine_dir / (entry_id + SUFFIX), self.entry_path(entry_id))
+        fsync_dir(self.queue)
+        return released
+
+    def held(self, entry_id: str) -> dict[str, str]:
+        """prefix → reason for a quarantined entry; empty when it is not in quarantine/."""
+        try:
+            return self.envelope(entry_id, self.quarantine_dir).held
+        except FileNotFoundError:
+            return {}
+
+    def drop_quarantined(self, older_than_days: float) -> list[Envelope]:
+        """Delete quarantined entries older than `older_than_days` (their inbox copies stay); their envelopes."""
+        cutoff = time.time() - older_than_days * 86400
+        dropped = []
+        for entry_id in self.quarantined_ids():
+            path = self.quarantine_dir / (entry_id + SUFFIX)
+            try:
+                if path.stat().st_mtime < cutoff:
+                    dropped.append(self.envelope(entry_id, self.quarantine_dir))
+                    path.unlink()
+            except (OSError, ValueError):
+                continue
+        return dropped
 
     def _write_state(self, entry_id: str, state: EntryState) -> None:
         tmp = self.tmp / f"{entry_id}.json"
@@ -378,6 +444,19 @@ class GroupCommit:
                     future.set_exception(failure)
                 else:
                     future.set_result(None)
+
+
+def _encoded(envelope: Envelope) -> bytes:
+    """The envelope as one line of JSON; empty fields are left out (their defaults come back on reading)."""
+    return json.dumps({k: v for k, v in vars(envelope).items() if v or k in _REQUIRED}, separators=(",", ":")).encode()
+
+
+_REQUIRED = ("id", "received", "folders")
+
+
+def _ids(folder: Path) -> list[str]:
+    """The entry ids in a folder, oldest first (ids start with the received time)."""
+    return sorted(p.name[: -len(SUFFIX)] for p in folder.iterdir() if p.name.endswith(SUFFIX))
 
 
 def _envelope(header: bytes) -> Envelope:

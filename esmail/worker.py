@@ -15,15 +15,17 @@ import os
 import time
 from concurrent.futures import ProcessPoolExecutor
 from concurrent.futures.process import BrokenProcessPool
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
 from pathlib import Path
 
-from esmail import links, metrics, report
+from esmail import feeds, links, metrics, report
+from esmail.authentication import Authentication, Request, authenticate_entry
 from esmail.chain import INBOX, UNPROCESSABLE
 from esmail.config import Config
-from esmail.conversion import convert_entry, route_all, start_process
+from esmail.conversion import Converted, convert_entry, route_all, start_process
 from esmail.errors import ConversionCrashed, TemporaryFailure
-from esmail.spool import Envelope, Spool
+from esmail.feeds import Refusal
+from esmail.spool import Envelope, EntryState, Spool
 from esmail.store import Store
 
 log = logging.getLogger(__name__)
@@ -60,52 +62,110 @@ class Worker:
             self.executor.shutdown(wait=True, cancel_futures=True)
 
     async def process(self, entry_id: str) -> list[Stored]:
-        """Store everything one spool entry yields, then remove it; TemporaryFailure leaves it queued."""
+        """Store everything one spool entry yields, then remove it; TemporaryFailure leaves it queued.
+
+        With feeds declared, the message is authenticated first and each
+        prefix's feed judges it: a refused prefix gets the inbox copy and a
+        quarantine entry, nothing else.
+        """
         started = time.monotonic()
         envelope = self.spool.envelope(entry_id)
-        alone = self.spool.read_state(entry_id).crashes > 0  # a suspect: converted in a process of its own
-        try:
-            with metrics.CONVERSION.time():
-                converted = await self._in_pool(alone, convert_entry, self.spool.entry_path(entry_id),
-                                                self.config.csv.ascii_only, self.config.links.patterns)
-        except TemporaryFailure:
-            raise
-        except Exception as exc:  # the message itself broke the parser: keep it whole, in failed/ too
-            return await self._give_up(entry_id, f"cannot process the message: {type(exc).__name__}: {exc}", started)
+        state = self.spool.read_state(entry_id)
+        alone = state.crashes > 0  # a suspect: converted in a process of its own
+        auth = await self._authenticate(entry_id, envelope, state, alone)
+        refused = self._judge(envelope, auth)
+        if auth is not None and state.authentication is None and not envelope.held:  # final now: a replay stores the same copy
+            self.spool.record_authentication(entry_id, asdict(auth))
+        passing = [prefix for prefix in envelope.folders if prefix not in refused]
+        converted = Converted([], [], 0)
+        if passing or not envelope.folders:
+            try:
+                with metrics.CONVERSION.time():
+                    converted = await self._in_pool(alone, convert_entry, self.spool.entry_path(entry_id),
+                                                    self.config.csv.ascii_only, self.config.links.patterns)
+            except TemporaryFailure:
+                raise
+            except Exception as exc:  # the message itself broke the parser: keep it whole, in failed/ too
+                return await self._give_up(entry_id, f"cannot process the message: {type(exc).__name__}: {exc}", started)
         raw = self.spool.load(entry_id)[1]  # for the inbox copy, read only now: the conversion read its own
+        copy = auth.prepended(raw) if auth is not None else raw
         outputs = converted.outputs
-        if converted.links and envelope.folders:
+        if converted.links and passing:
             outputs = await self._in_pool(alone, route_all, await self._download(envelope, converted.links), self.config.csv.ascii_only)
         stored = []
         if not envelope.folders:
             log.warning("%s: no usable recipient; the message goes whole to unprocessable", entry_id)
             report.problem("a message with no usable recipient went to unprocessable", "warning", spool_id=entry_id)
             for bucket in (INBOX, UNPROCESSABLE):
-                stored.append(await self._put(entry_id, bucket, f"{self._message_folders(envelope)[0]}/{entry_id}.eml", raw, "message/rfc822"))
+                stored.append(await self._put(entry_id, bucket, f"{self._message_folders(envelope)[0]}/{entry_id}.eml", copy, "message/rfc822"))
         for prefix, folder in envelope.folders.items():
-            stored.append(await self._put(entry_id, INBOX, f"{prefix}/{folder}/{entry_id}.eml", raw, "message/rfc822"))
+            stored.append(await self._put(entry_id, INBOX, f"{prefix}/{folder}/{entry_id}.eml", copy, "message/rfc822"))
+            if prefix in refused:
+                continue
             for out in outputs:
                 stored.append(await self._put(entry_id, out.bucket, f"{prefix}/{folder}/{out.name}", out.data, out.content_type, out.rule))
                 if out.reason:
                     log.warning("%s: %s/%s/%s is unprocessable: %s", entry_id, prefix, folder, out.name, out.reason)
                     report.problem("a file went to unprocessable", "warning", prefix=prefix, key=stored[-1].key,
                                    reason=out.reason, spool_id=entry_id)
+        if refused:
+            self.spool.quarantine(entry_id, {prefix: str(refusal) for prefix, refusal in refused.items()}, auth.header)
+            for prefix, refusal in refused.items():
+                metrics.QUARANTINED.labels(prefix, refusal.kind).inc()
+                log.warning("%s: quarantined for %s: %s (`esmail spool release %s` lets it through)", entry_id, prefix, refusal, entry_id,
+                            extra={"spool_id": entry_id, "prefixes": [prefix], "outcome": "quarantined", "reason": str(refusal)})
         self.spool.done(entry_id)
-        metrics.MESSAGES.labels("stored").inc()
-        self._log_message(envelope, len(raw), "stored", started, objects=len(stored), inline_images=converted.inline_images)
+        outcome = "stored" if passing or not envelope.folders else "quarantined"
+        metrics.MESSAGES.labels(outcome).inc()
+        self._log_message(envelope, len(raw), outcome, started, objects=len(stored), inline_images=converted.inline_images,
+                          auth=auth, quarantined=list(refused))
         return stored
 
+    async def _authenticate(self, entry_id: str, envelope: Envelope, state: EntryState, alone: bool) -> Authentication | None:
+        """SPF, DKIM and DMARC of the message (DESIGN §12), once feeds are declared; None when none are (no DNS at all).
+
+        Results that were final are reused: from the state when the entry is
+        processed again, from the envelope when a human released it.
+        """
+        if not self.config.feeds:
+            return None
+        if envelope.held:
+            return Authentication(envelope.authentication, "", True)
+        if state.authentication is not None:
+            return Authentication(**state.authentication)
+        smtp = envelope.origin == "smtp"
+        request = Request(self.config.dns, self.config.smtp.hostname, client=envelope.client if smtp else "",
+                          helo=envelope.helo if smtp else "", mail_from=envelope.sender if smtp else "",
+                          trusted_authserv_id=envelope.trusted_authserv_id)
+        return await self._in_pool(alone, authenticate_entry, self.spool.entry_path(entry_id), request)
+
+    def _judge(self, envelope: Envelope, auth: Authentication | None) -> dict[str, Refusal]:
+        """The prefixes whose feed refuses the message (TemporaryFailure when DNS trouble leaves that open)."""
+        if auth is None:
+            return {}
+        if envelope.held:
+            for prefix, reason in envelope.held.items():
+                log.warning("%s: released by an operator for %s, overriding: %s", envelope.id, prefix, reason,
+                            extra={"spool_id": envelope.id, "prefixes": [prefix], "reason": reason})
+            return {}
+        refused = {prefix: feeds.judge(self.config.feed(prefix), auth) for prefix in envelope.folders}
+        return {prefix: refusal for prefix, refusal in refused.items() if refusal is not None}
+
     @staticmethod
-    def _log_message(envelope: Envelope, size: int, outcome: str, started: float, objects: int = 0, inline_images: int = 0) -> None:
-        """The one line per message: who sent what to whom, and how it ended."""
+    def _log_message(envelope: Envelope, size: int, outcome: str, started: float, objects: int = 0, inline_images: int = 0,
+                     auth: Authentication | None = None, quarantined: list[str] = ()) -> None:
+        """The one line per message: who sent what to whom, how it was authenticated, and how it ended."""
         seconds = round(time.monotonic() - started, 3)
         prefixes = list(envelope.folders) or [NO_PREFIX]
         skipped = f", {inline_images} inline images skipped" if inline_images else ""
-        log.log(logging.INFO if outcome == "stored" else logging.ERROR,
-                "%s: %s; from %s <%s> for %s, %d bytes, %d objects, %.2fs%s", envelope.id, outcome, envelope.client or envelope.origin,
-                envelope.sender, ",".join(prefixes), size, objects, seconds, skipped,
+        held = f", quarantined for {','.join(quarantined)}" if quarantined and outcome != "quarantined" else ""
+        results = f"; {auth.summary}" if auth is not None else ""
+        extra = {"authentication": auth.summary} if auth is not None else {}
+        log.log(logging.ERROR if outcome == "failed" else logging.INFO,
+                "%s: %s; from %s <%s> for %s, %d bytes, %d objects, %.2fs%s%s%s", envelope.id, outcome, envelope.client or envelope.origin,
+                envelope.sender, ",".join(prefixes), size, objects, seconds, skipped, held, results,
                 extra={"spool_id": envelope.id, "client": envelope.client, "sender": envelope.sender, "prefixes": prefixes,
-                       "size": size, "outcome": outcome, "objects": objects, "seconds": seconds})
+                       "size": size, "outcome": outcome, "objects": objects, "seconds": seconds, **extra})
 
     async def _in_pool(self, alone: bool, function, *args):
         """`function(*args)` in the conversion pool, or `alone` in a process of its own.

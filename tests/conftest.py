@@ -12,7 +12,7 @@ import sys
 import threading
 import time
 from dataclasses import replace
-from datetime import datetime, timezone
+from datetime import datetime, timedelta, timezone
 from pathlib import Path
 
 import boto3
@@ -203,3 +203,41 @@ class Server:
     def terminate(self) -> int:
         self.process.send_signal(signal.SIGTERM)
         return self.process.wait(60)
+
+
+def self_signed(tmp_path):
+    """A certificate and key for localhost, valid for a day: for STARTTLS and IMAP over TLS."""
+    from cryptography import x509
+    from cryptography.hazmat.primitives import hashes, serialization
+    from cryptography.hazmat.primitives.asymmetric import ec
+    from cryptography.x509.oid import NameOID
+
+    key = ec.generate_private_key(ec.SECP256R1())
+    name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "localhost")])
+    now = datetime.now(timezone.utc)
+    cert = (x509.CertificateBuilder().subject_name(name).issuer_name(name).public_key(key.public_key())
+            .serial_number(x509.random_serial_number()).not_valid_before(now - timedelta(days=1))
+            .not_valid_after(now + timedelta(days=1))
+            .add_extension(x509.SubjectAlternativeName([x509.DNSName("localhost")]), critical=False)
+            .sign(key, hashes.SHA256()))
+    cert_path, key_path = tmp_path / "cert.pem", tmp_path / "key.pem"
+    cert_path.write_bytes(cert.public_bytes(serialization.Encoding.PEM))
+    key_path.write_bytes(key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, serialization.NoEncryption()))
+    return cert_path, key_path
+
+
+@pytest.fixture
+def dovecot(tmp_path):
+    """A real Dovecot on loopback (tests/dovecot.py); skipped where it is not installed, but never in CI."""
+    import dovecot as dovecot_server
+
+    if not dovecot_server.available():
+        if os.environ.get("CI"):
+            pytest.fail("Dovecot is not installed, and CI is set: .ci/run must install the Debian package dovecot-imapd")
+        pytest.skip("Dovecot is not installed: apt-get install dovecot-imapd (the IMAP tests run against a real one)")
+    cert, key = self_signed(tmp_path)
+    server = dovecot_server.Dovecot(tmp_path / "dovecot", cert, key)
+    server.cert = cert
+    server.start()
+    yield server
+    server.stop()

@@ -58,18 +58,31 @@ def test_example_config_is_valid_and_documents_every_key():
     assert "[[imap]]" in text
     for key in config_module._IMAP_SCHEMA:
         assert f"# {key} =" in text, f"[[imap]] {key} is not in config.example.toml"
+    assert "# [[feed]]" in text
+    for key in config_module._FEED_SCHEMA:
+        assert f"# {key} =" in text, f"[[feed]] {key} is not in config.example.toml"
     assert cfg.csv.ascii_only is False
 
 
 def test_the_example_imap_table_loads_once_uncommented(tmp_path):
     example = (Path(__file__).parents[1] / "config.example.toml").read_text()
-    imap = example[example.index("# [[imap]]"):]
+    imap = example[example.index("# [[imap]]"):example.index("# Feeds:")]
     toml = tmp_path / "c.toml"
     toml.write_text("\n".join(line[2:] for line in imap.splitlines() if line.startswith("# ")))
     [mailbox] = config_module.load(toml, environ={"IMAP_PASSWORD": "x"}).imap
     assert (mailbox.host, mailbox.port, mailbox.tls, mailbox.prefix) == ("outlook.office365.com", 993, "implicit", "sheffield")
     with pytest.raises(ConfigError, match=r"\[\[imap\]\] #1 password_env = 'IMAP_PASSWORD': that environment variable is not set"):
         config_module.load(toml, environ={})
+
+
+def test_the_example_feed_table_loads_once_uncommented(tmp_path):
+    example = (Path(__file__).parents[1] / "config.example.toml").read_text()
+    table = example[example.index("# [[feed]]"):]
+    toml = tmp_path / "c.toml"
+    toml.write_text("\n".join(line[2:] for line in table.splitlines() if line.startswith("# ")))
+    [feed] = config_module.load(toml, environ={}).feeds
+    assert (feed.prefix, feed.senders, feed.authenticated, feed.expected_every) == (
+        "sheffield", ("*@sheffield.gov.uk", "exports@npower.example"), True, 86400.0)
 
 
 @pytest.mark.parametrize("text, message", [

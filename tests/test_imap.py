@@ -21,25 +21,10 @@ from conftest import RunningDaemon, bucket_contents, config_toml, eventually, fr
 from esmail.config import Address, Config, HttpConfig, ImapConfig
 from esmail.imap import identity
 from esmail.spool import Spool
-from test_smtp import self_signed
 
 PASSWORD_ENV = "IMAP_PASSWORD"
 CSV = b"MPAN,kWh\r\n2200013680374,1.5\r\n"
 pytestmark = pytest.mark.parametrize("config", ["local"], indirect=True)
-
-
-@pytest.fixture
-def dovecot(tmp_path):
-    if not dovecot_server.available():
-        if os.environ.get("CI"):
-            pytest.fail("Dovecot is not installed, and CI is set: .ci/run must install the Debian package dovecot-imapd")
-        pytest.skip("Dovecot is not installed: apt-get install dovecot-imapd (the IMAP tests run against a real one)")
-    cert, key = self_signed(tmp_path)
-    server = dovecot_server.Dovecot(tmp_path / "dovecot", cert, key)
-    server.cert = cert
-    server.start()
-    yield server
-    server.stop()
 
 
 def client(server) -> imaplib.IMAP4:

@@ -21,9 +21,9 @@ from pathlib import Path
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
-from conftest import RunningDaemon, Server, free_port
+from conftest import RunningDaemon, Server, free_port, self_signed
 from esmail.config import Address, Config, HttpConfig, SpoolConfig, StorageConfig, WorkerConfig
-from test_smtp import feed, reply_to, self_signed
+from test_smtp import feed, reply_to
 
 UNIT = Path(__file__).parents[1] / "systemd" / "esmail.service"
 

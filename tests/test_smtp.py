@@ -1,6 +1,5 @@
 """`esmail serve` over real sockets: the replies of DESIGN §7, the size limit, STARTTLS, timeouts, and what lands in the buckets."""
 
-import datetime
 import smtplib
 import socket
 import ssl
@@ -9,7 +8,7 @@ from dataclasses import replace
 from email.message import EmailMessage
 
 import pytest
-from conftest import RunningDaemon, bucket_contents, eventually
+from conftest import RunningDaemon, bucket_contents, eventually, self_signed
 
 from esmail.config import SmtpConfig, SpoolConfig
 from esmail.smtp import MAX_RECIPIENTS, Receiver
@@ -155,26 +154,6 @@ async def test_data_split_in_awkward_places_and_lines_over_1000_octets(config, s
         assert await eventually(lambda: not server.spool.pending())
     [raw] = (await bucket_contents(store, config.buckets.inbox)).values()
     assert raw == b"Subject: split\r\n\r\n.dot\r\n" + long_line + b"\r\n.\r\nend\r\n"
-
-
-def self_signed(tmp_path):
-    from cryptography import x509
-    from cryptography.hazmat.primitives import hashes, serialization
-    from cryptography.hazmat.primitives.asymmetric import ec
-    from cryptography.x509.oid import NameOID
-
-    key = ec.generate_private_key(ec.SECP256R1())
-    name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "localhost")])
-    now = datetime.datetime.now(datetime.timezone.utc)
-    cert = (x509.CertificateBuilder().subject_name(name).issuer_name(name).public_key(key.public_key())
-            .serial_number(x509.random_serial_number()).not_valid_before(now - datetime.timedelta(days=1))
-            .not_valid_after(now + datetime.timedelta(days=1))
-            .add_extension(x509.SubjectAlternativeName([x509.DNSName("localhost")]), critical=False)
-            .sign(key, hashes.SHA256()))
-    cert_path, key_path = tmp_path / "cert.pem", tmp_path / "key.pem"
-    cert_path.write_bytes(cert.public_bytes(serialization.Encoding.PEM))
-    key_path.write_bytes(key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, serialization.NoEncryption()))
-    return cert_path, key_path
 
 
 @pytest.mark.parametrize("config", ["local"], indirect=True)

@@ -1,0 +1,42 @@
+"""Feed policy (DESIGN §12): may this message write to this prefix?
+
+Decided per prefix, after the 250, from the message's header From and its
+authentication. A refusal quarantines the message for that prefix (the
+worker keeps it in the spool's quarantine/ for a human to release); DNS
+trouble that could change the answer is a temporary failure, never a refusal.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from fnmatch import fnmatchcase
+
+from esmail.authentication import Authentication
+from esmail.config import FeedConfig
+from esmail.errors import TemporaryFailure
+
+SENDER = "sender"  # the kinds of refusal, as /metrics counts them
+UNAUTHENTICATED = "unauthenticated"
+
+
+@dataclass(frozen=True)
+class Refusal:
+    kind: str  # SENDER or UNAUTHENTICATED
+    reason: str  # for people: the spool list, the log, the page
+
+    def __str__(self) -> str:
+        return self.reason
+
+
+def judge(feed: FeedConfig | None, auth: Authentication) -> Refusal | None:
+    """Why the message may not write to the feed, or None when it may; TemporaryFailure when DNS trouble leaves it open."""
+    if feed is None:
+        return None
+    sender = auth.from_address or "(not exactly one From address)"
+    if feed.senders and not any(fnmatchcase(auth.from_address, glob) for glob in feed.senders):
+        return Refusal(SENDER, f"From {sender} is not among the senders of the feed {feed.prefix}")
+    if feed.authenticated and not auth.authenticated:
+        if auth.trouble:
+            raise TemporaryFailure(f"cannot authenticate the sender {sender} now: {auth.trouble}")
+        return Refusal(UNAUTHENTICATED, f"From {sender} is not authenticated (no passing SPF or DKIM aligned with its domain)")
+    return None

@@ -1,0 +1,93 @@
+"""DNS for mail authentication: dnspython, pointed at `[dns] nameservers`, with one time budget per message.
+
+"No such record" and "no answer now" must never be confused: the first is
+an answer (no SPF policy, no DKIM key), the second is a temporary error
+(DNS trouble of ours must not make a sender's mail fail). NXDOMAIN and an
+empty answer come back as no records; SERVFAIL, REFUSED, timeouts and an
+exhausted budget raise `DnsTrouble`.
+"""
+
+from __future__ import annotations
+
+import functools
+import time
+
+import dns.exception
+import dns.nameserver
+import dns.rdatatype
+import dns.resolver
+
+from esmail.config import DnsConfig
+
+
+class DnsTrouble(Exception):
+    """A lookup got no answer (SERVFAIL, REFUSED, timeout, the budget spent): try again later."""
+
+
+@functools.lru_cache(maxsize=8)
+def _resolver(config: DnsConfig) -> dns.resolver.Resolver:
+    if not config.nameservers:
+        return dns.resolver.Resolver()  # /etc/resolv.conf
+    resolver = dns.resolver.Resolver(configure=False)
+    resolver.nameservers = [dns.nameserver.Do53Nameserver(host, port) for host, port in config.nameservers]
+    return resolver
+
+
+class Lookups:
+    """The lookups of one message: every query shares `[dns] timeout`."""
+
+    def __init__(self, config: DnsConfig):
+        self.resolver = _resolver(config)
+        self.deadline = time.monotonic() + config.timeout
+
+    def query(self, name: str, rdtype: str) -> list:
+        """The records of a type at a name ([] when there are none); DnsTrouble when DNS does not answer."""
+        remaining = self.deadline - time.monotonic()
+        if remaining <= 0:
+            raise DnsTrouble(f"{name} {rdtype}: the [dns] timeout for this message is spent")
+        try:
+            answer = self.resolver.resolve(name, rdtype, lifetime=remaining, search=False, raise_on_no_answer=False)
+        except (dns.resolver.NXDOMAIN, dns.resolver.NoAnswer):
+            return []
+        except dns.exception.Timeout:
+            raise DnsTrouble(f"{name} {rdtype}: no answer within the [dns] timeout") from None
+        except dns.exception.DNSException as exc:  # NoNameservers (SERVFAIL, REFUSED), YXDOMAIN, bad names
+            raise DnsTrouble(f"{name} {rdtype}: {exc}") from None
+        return list(answer)
+
+    def txt(self, name: str) -> list[bytes]:
+        """Each TXT record at a name, its strings joined."""
+        return [b"".join(record.strings) for record in self.query(name, "TXT")]
+
+    def dkim_key(self, name: bytes | str, timeout: float = 0) -> bytes | None:
+        """dkimpy's `dnsfunc`: the key record, or None when there is none. Its own function reads SERVFAIL
+        as "no key" (a false dkim=fail); this one raises DnsTrouble, which dkimpy lets through."""
+        name = name.decode() if isinstance(name, bytes) else name
+        records = self.txt(name.rstrip("."))
+        return records[0] if records else None
+
+    def spf(self, name: str, qtype: str, strict: bool = True, timeout: float = 0) -> list:
+        """pyspf's `DNSLookup`: ((name, type), value) pairs, as its own dnspython function gives them."""
+        import spf
+
+        try:
+            records = self.query(name, qtype)
+        except DnsTrouble as exc:
+            raise spf.TempError(f"DNS {exc}") from None
+        if qtype in ("A", "AAAA"):
+            return [((name, qtype), r.address) for r in records]
+        if qtype == "MX":
+            return [((name, qtype), (r.preference, r.exchange)) for r in records]
+        if qtype == "PTR":
+            return [((name, qtype), r.target.to_text(True)) for r in records]
+        if qtype in ("TXT", "SPF"):
+            return [((name, qtype), r.strings) for r in records]
+        return []
+
+
+def probe(config: DnsConfig, name: str) -> str:
+    """`esmail check-config`: ask the configured resolver about one name; raise DnsTrouble if it does not answer."""
+    started = time.monotonic()
+    records = Lookups(config).query(name, "TXT")
+    where = ", ".join(map(str, config.nameservers)) or "the system resolver"
+    return f"{where} answered for {name} in {(time.monotonic() - started) * 1000:.0f} ms ({len(records)} TXT records)"

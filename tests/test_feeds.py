@@ -1,0 +1,379 @@
+"""Feeds and who may write to them (DESIGN §12): SPF, DKIM and DMARC against a real DNS server, quarantine and release.
+
+Mail goes over real sockets to a running daemon; every answer the checks
+need comes from the DNS server the suite starts on loopback.
+"""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+from dataclasses import replace
+from email.message import EmailMessage
+
+import dkim
+import pytest
+
+from conftest import RunningDaemon, config_toml, eventually
+from dnsserver import DnsServer, dkim_key
+from esmail.config import FeedConfig
+from esmail.spool import Spool, read_entry
+from test_imap import append, with_mailbox
+
+local = pytest.mark.parametrize("config", ["local"], indirect=True)
+
+DOMAIN = "datafeeds.example.org"
+HOST = "mx.test"
+CSV = b"MPAN,00:30\r\n2200013680374,1.5\r\n"
+STORED_CSV = b"MPAN,00:30\n2200013680374,1.5\n"
+SHEFFIELD = FeedConfig("sheffield", "Sheffield City Council", senders=("*@sheffield.gov.uk",), authenticated=True)
+
+
+@pytest.fixture(scope="module")
+def dns():
+    """Test zones: sheffield.gov.uk (SPF for loopback, DKIM, p=reject), npower.example (DKIM, p=none, SPF elsewhere),
+    strict.example (adkim=s), leeds.gov.uk (SPF elsewhere: mail forwarded to us fails it), attacker.example (SPF for loopback)."""
+    server = DnsServer()
+    server.txt("sheffield.gov.uk", "v=spf1 ip4:127.0.0.1 -all")
+    server.txt("_dmarc.sheffield.gov.uk", "v=DMARC1; p=reject")
+    server.txt("npower.example", "v=spf1 ip4:192.0.2.1 -all")
+    server.txt("_dmarc.npower.example", "v=DMARC1; p=none")
+    server.txt("_dmarc.strict.example", "v=DMARC1; p=reject; adkim=s; aspf=s")
+    server.txt("leeds.gov.uk", "v=spf1 ip4:192.0.2.1 -all")
+    server.txt("attacker.example", "v=spf1 ip4:127.0.0.1 -all")
+    server.keys = {domain: dkim_key(server, domain) for domain in
+                   ("sheffield.gov.uk", "mail.sheffield.gov.uk", "npower.example", "mail.strict.example")}
+    server.start()
+    yield server
+    server.stop()
+
+
+def feeds(config, dns, *declared: FeedConfig, **smtp):
+    return replace(config, feeds=declared or (SHEFFIELD,), dns=dns.config,
+                   smtp=replace(config.smtp, domains=(DOMAIN,), hostname=HOST, **smtp))
+
+
+def message(sender: str = "reports@sheffield.gov.uk", to: str = f"sheffield@{DOMAIN}", subject: str = "readings",
+            headers: tuple[tuple[str, str], ...] = ()) -> bytes:
+    msg = EmailMessage()
+    for name, value in headers:
+        msg[name] = value
+    msg["From"], msg["To"], msg["Subject"] = sender, to, subject
+    msg.set_content("attached")
+    msg.add_attachment(CSV, maintype="text", subtype="csv", filename="export.csv")
+    return msg.as_bytes().replace(b"\n", b"\r\n")
+
+
+def signed(raw: bytes, dns: DnsServer, domain: str) -> bytes:
+    return dkim.sign(raw, b"sel", domain.encode(), dns.keys[domain], include_headers=[b"from", b"to", b"subject"]) + raw
+
+
+def send(server: RunningDaemon, raw: bytes, mail_from: str, *rcpts: str, helo: str = "mail.example") -> str:
+    """Send over SMTP; the queued entry's id."""
+    with server.smtp() as client:
+        client.ehlo(helo)
+        client.mail(mail_from)
+        for rcpt in rcpts or (f"sheffield@{DOMAIN}",):
+            code, text = client.rcpt(rcpt)
+            assert code == 250, text
+        code, text = client.data(raw)
+    assert code == 250, text
+    return text.decode().rsplit(" ", 1)[1]
+
+
+def objects(config, logical: str, prefix: str = "") -> dict[str, bytes]:
+    root = config.storage.path / config.buckets.named(logical)
+    found = {str(p.relative_to(root)): p.read_bytes() for p in root.rglob("*") if p.is_file()} if root.exists() else {}
+    return {key: data for key, data in found.items() if key.startswith(prefix)}
+
+
+async def processed(server: RunningDaemon) -> bool:
+    return await eventually(lambda: not server.spool.pending())
+
+
+def inbox_copy(config, entry_id: str, prefix: str = "sheffield") -> bytes:
+    [copy] = [data for key, data in objects(config, "inbox", prefix + "/").items() if key.endswith(f"/{entry_id}.eml")]
+    return copy
+
+
+@local
+async def test_an_allowed_and_authenticated_sender_lands_with_its_results_on_the_inbox_copy(config, dns):
+    """SPF passes for the From domain: CSV stored; the inbox copy starts with Authentication-Results, the spool kept the original."""
+    raw = message()
+    with RunningDaemon(feeds(config, dns)) as server:
+        entry_id = send(server, raw, "reports@sheffield.gov.uk", helo="mail.sheffield.gov.uk")
+        assert await processed(server)
+    assert list(objects(config, "amr_data").values()) == [STORED_CSV]
+    copy = inbox_copy(config, entry_id)
+    head, _, rest = copy.partition(b"\r\n\t")
+    assert head == b"Authentication-Results: mx.test;"
+    assert copy.endswith(raw) and copy.count(b"Authentication-Results") == 1
+    results = copy[: len(copy) - len(raw)].decode()
+    assert "spf=pass smtp.mailfrom=reports@sheffield.gov.uk" in results and "dkim=none" in results
+    assert "dmarc=pass header.from=sheffield.gov.uk" in results
+
+
+@local
+async def test_a_sender_not_listed_is_quarantined_and_listed_and_released(config, dns, tmp_path):
+    """From outside the feed's senders: inbox copy only, a quarantine entry that spool list shows; released, its CSV lands."""
+    raw = message(sender="someone@npower.example")
+    with RunningDaemon(feeds(config, dns)) as server:
+        entry_id = send(server, signed(raw, dns, "npower.example"), "someone@npower.example")
+        assert await processed(server)
+        assert server.spool.quarantined_ids() == [entry_id]
+        assert objects(config, "amr_data") == {} and objects(config, "unprocessable") == {}
+        assert inbox_copy(config, entry_id).endswith(raw)
+        toml = tmp_path / "c.toml"
+        toml.write_text(config_toml(config))
+        listed = esmail(toml, "spool", "list")
+        [row] = [line for line in listed.stdout.splitlines() if line.startswith(entry_id)]
+        assert "quarantined" in row and "sheffield" in row and "From someone@npower.example is not among the senders" in row
+        released = esmail(toml, "spool", "release", entry_id)
+        assert released.returncode == 0 and f"released {entry_id} for sheffield" in released.stdout
+        server.loop.call_soon_threadsafe(server.daemon.scheduler.submit, entry_id)  # what the minute's rescan would do
+        assert await eventually(lambda: objects(config, "amr_data"))
+        assert await processed(server)
+    assert list(objects(config, "amr_data").values()) == [STORED_CSV]
+    assert server.spool.quarantined_ids() == [] and len(objects(config, "inbox")) == 1  # the same copy, not a second one
+    assert esmail(toml, "spool", "release", entry_id).returncode == 1
+
+
+@local
+async def test_a_spoofed_from_with_an_unaligned_spf_pass_is_quarantined(config, dns):
+    """SPF passes for attacker.example, whose MAIL FROM it is; the From says sheffield.gov.uk: not aligned, quarantined."""
+    with RunningDaemon(feeds(config, dns)) as server:
+        entry_id = send(server, message(), "bounce@attacker.example")
+        assert await processed(server)
+        assert server.spool.held(entry_id) == {"sheffield": "From reports@sheffield.gov.uk is not authenticated "
+                                                            "(no passing SPF or DKIM aligned with its domain)"}
+    assert objects(config, "amr_data") == {}
+    results = inbox_copy(config, entry_id).decode()
+    assert "spf=pass smtp.mailfrom=bounce@attacker.example" in results and "dmarc=fail header.from=sheffield.gov.uk" in results
+
+
+@local
+async def test_a_tampered_dkim_body_is_quarantined(config, dns):
+    """Signed by sheffield.gov.uk, then the attachment changed: dkim=fail, quarantined."""
+    tampered = signed(message(), dns, "sheffield.gov.uk").replace(b"attached", b"Attached")
+    with RunningDaemon(feeds(config, dns)) as server:
+        entry_id = send(server, tampered, "bounce@attacker.example")
+        assert await processed(server)
+        assert list(server.spool.held(entry_id)) == ["sheffield"]
+    assert objects(config, "amr_data") == {}
+    assert "dkim=fail header.d=sheffield.gov.uk" in inbox_copy(config, entry_id).decode()
+
+
+@local
+async def test_aligned_dkim_authenticates_a_p_none_domain_whose_spf_fails(config, dns):
+    """npower.example publishes p=none and its SPF does not cover us; its aligned DKIM signature still authenticates it."""
+    npower = FeedConfig("npower", senders=("*@npower.example",), authenticated=True)
+    raw = signed(message(sender="exports@npower.example", to=f"npower@{DOMAIN}"), dns, "npower.example")
+    with RunningDaemon(feeds(config, dns, npower)) as server:
+        entry_id = send(server, raw, "exports@npower.example", f"npower@{DOMAIN}")
+        assert await processed(server)
+    assert list(objects(config, "amr_data", "npower/").values()) == [STORED_CSV]
+    results = inbox_copy(config, entry_id, "npower").decode()
+    assert "spf=fail" in results and "dkim=pass header.d=npower.example" in results and "dmarc=pass" in results
+
+
+@local
+async def test_a_subdomain_signature_aligns_relaxed_but_not_strict(config, dns):
+    """d=mail.sheffield.gov.uk aligns with From sheffield.gov.uk (same organisational domain, per the public suffix
+    list: gov.uk is a suffix); d=mail.strict.example does not align with strict.example, whose record says adkim=s."""
+    strict = FeedConfig("strict", senders=("*@strict.example",), authenticated=True)
+    relaxed_raw = signed(message(), dns, "mail.sheffield.gov.uk")
+    strict_raw = signed(message(sender="x@strict.example", to=f"strict@{DOMAIN}"), dns, "mail.strict.example")
+    with RunningDaemon(feeds(config, dns, SHEFFIELD, strict)) as server:
+        send(server, relaxed_raw, "bounce@attacker.example")
+        strict_id = send(server, strict_raw, "bounce@attacker.example", f"strict@{DOMAIN}")
+        assert await processed(server)
+        assert server.spool.quarantined_ids() == [strict_id]
+    assert list(objects(config, "amr_data").keys())[0].startswith("sheffield/") and len(objects(config, "amr_data")) == 1
+
+
+@local
+async def test_forwarded_mail_lands_for_a_feed_that_relies_on_senders_alone(config, dns):
+    """Forwarding breaks SPF (leeds.gov.uk's record does not name the forwarder); authenticated = false trusts the From alone."""
+    leeds = FeedConfig("leeds", senders=("*@leeds.gov.uk",), authenticated=False)
+    with RunningDaemon(feeds(config, dns, leeds)) as server:
+        entry_id = send(server, message(sender="meters@leeds.gov.uk", to=f"leeds@{DOMAIN}"), "meters@leeds.gov.uk", f"leeds@{DOMAIN}")
+        assert await processed(server)
+    assert list(objects(config, "amr_data").values()) == [STORED_CSV]
+    assert "spf=fail" in inbox_copy(config, entry_id, "leeds").decode()
+
+
+@local
+async def test_one_message_to_a_trusting_feed_and_a_wary_one(config, dns):
+    """Sent to sheffield (senders *@sheffield.gov.uk) and to leeds (senders *@leeds.gov.uk): sheffield gets its CSV, leeds a quarantine entry."""
+    leeds = FeedConfig("leeds", senders=("*@leeds.gov.uk",))
+    with RunningDaemon(feeds(config, dns, SHEFFIELD, leeds)) as server:
+        entry_id = send(server, message(), "reports@sheffield.gov.uk", f"sheffield@{DOMAIN}", f"leeds@{DOMAIN}")
+        assert await processed(server)
+        assert list(server.spool.held(entry_id)) == ["leeds"]
+    assert [key.split("/")[0] for key in objects(config, "amr_data")] == ["sheffield"]
+    assert sorted(key.split("/")[0] for key in objects(config, "inbox")) == ["leeds", "sheffield"]
+
+
+@local
+async def test_a_forged_authentication_results_header_is_not_believed(config, dns):
+    """The sender wrote our own authserv-id's dmarc=pass into the message; esmail computes its own and quarantines."""
+    forged = message(sender="reports@sheffield.gov.uk", headers=(
+        ("Authentication-Results", f"{HOST}; spf=pass smtp.mailfrom=sheffield.gov.uk; dmarc=pass header.from=sheffield.gov.uk"),))
+    with RunningDaemon(feeds(config, dns)) as server:
+        entry_id = send(server, forged, "bounce@attacker.example")
+        assert await processed(server)
+        assert list(server.spool.held(entry_id)) == ["sheffield"]
+    copy = inbox_copy(config, entry_id).decode()
+    assert copy.index("dmarc=fail") < copy.index("dmarc=pass")  # ours on top
+
+
+@local
+async def test_an_unknown_feed_is_refused_at_rcpt_and_counted(config, dns):
+    """unknown_feeds = "reject": RCPT for a prefix with no [[feed]] gets 550 5.1.1; a declared one is taken."""
+    with RunningDaemon(feeds(config, dns, unknown_feeds="reject")) as server, server.smtp() as client:
+        client.ehlo("mail.example")
+        client.mail("a@sheffield.gov.uk")
+        code, text = client.rcpt(f"spammed-prefix@{DOMAIN}")
+        assert (code, text.decode()[:5]) == (550, "5.1.1") and b"no such data feed" in text
+        assert client.rcpt(f"sheffield@{DOMAIN}")[0] == 250
+    from esmail import metrics
+    assert metrics.REGISTRY.get_sample_value("esmail_smtp_replies_total", {"command": "RCPT", "code": "550"}) >= 1
+    assert list(server.spool.queue.iterdir()) == []
+
+
+@local
+async def test_dns_down_keeps_the_message_queued_until_it_answers(config, dns):
+    """With the resolver gone the results are temperror: the entry waits (no quarantine, no CSV), and lands once DNS is back."""
+    outage = DnsServer()
+    for (name, rtype), records in dns.zones.records.items():
+        outage.zones.records[(name, rtype)] = records
+    outage.start()
+    outage.stop()
+    with RunningDaemon(feeds(config, outage)) as server:
+        entry_id = send(server, signed(message(), dns, "sheffield.gov.uk"), "reports@sheffield.gov.uk")
+        assert await eventually(lambda: server.spool.read_state(entry_id).attempts >= 1, timeout=20)
+        assert server.spool.pending() == [entry_id] and server.spool.quarantined_ids() == []
+        assert objects(config, "inbox") == {} and objects(config, "amr_data") == {}
+        assert "cannot authenticate the sender reports@sheffield.gov.uk now" in server.spool.read_state(entry_id).last_error
+        outage.start()
+        assert await eventually(lambda: objects(config, "amr_data"), timeout=40)
+        assert await processed(server)
+    outage.stop()
+    results = inbox_copy(config, entry_id).decode()
+    assert "dkim=pass header.d=sheffield.gov.uk" in results and "temperror" not in results
+
+
+@local
+async def test_servfail_for_a_dkim_key_is_temperror_not_fail(config, dns):
+    """dkimpy's own DNS function reads SERVFAIL as "no key" (dkim=fail); esmail's says temperror. An open feed takes
+    the message with that result; a feed that needs authentication keeps it queued."""
+    broken = DnsServer()
+    broken.zones.servfail = True
+    broken.start()
+    anyone = FeedConfig("open")
+    try:
+        with RunningDaemon(feeds(config, broken, SHEFFIELD, anyone)) as server:
+            open_id = send(server, signed(message(to=f"open@{DOMAIN}"), dns, "sheffield.gov.uk"), "reports@sheffield.gov.uk", f"open@{DOMAIN}")
+            held_id = send(server, signed(message(), dns, "sheffield.gov.uk"), "reports@sheffield.gov.uk")
+            assert await eventually(lambda: server.spool.pending() == [held_id] and server.spool.read_state(held_id).attempts)
+            assert server.spool.quarantined_ids() == []
+    finally:
+        broken.stop()
+    assert list(objects(config, "amr_data").keys())[0].startswith("open/")
+    results = inbox_copy(config, open_id, "open").decode()
+    assert "dkim=temperror header.d=sheffield.gov.uk" in results and "dkim=fail" not in results
+
+
+def esmail(toml, *args):
+    return subprocess.run([sys.executable, "-m", "esmail", "--config", str(toml), *args], capture_output=True, text=True, timeout=120)
+
+
+@local
+def test_ingest_of_a_quarantined_message_says_so_and_exits_0(config, dns, tmp_path):
+    """`esmail ingest` has no client IP: DKIM alone can authenticate; an unsigned message to a wary feed is quarantined."""
+    toml = tmp_path / "c.toml"
+    toml.write_text(config_toml(config) + f'[dns]\nnameservers = ["127.0.0.1:{dns.port}"]\n'
+                    '[[feed]]\nprefix = "sheffield"\nsenders = ["*@sheffield.gov.uk"]\n')
+    unsigned, good = tmp_path / "unsigned.eml", tmp_path / "signed.eml"
+    unsigned.write_bytes(message())
+    good.write_bytes(signed(message(), dns, "sheffield.gov.uk"))
+    held = esmail(toml, "ingest", "--recipient", f"sheffield@{DOMAIN}", unsigned)
+    assert held.returncode == 0, held.stderr
+    assert "quarantined: sheffield: From reports@sheffield.gov.uk is not authenticated" in held.stdout
+    landed = esmail(toml, "ingest", "--recipient", f"sheffield@{DOMAIN}", good)
+    assert landed.returncode == 0 and "amr-data\tsheffield/" in landed.stdout and "quarantined" not in landed.stdout
+
+
+@local
+async def test_quarantined_entries_past_quarantine_days_are_dropped_at_start(config, dns, tmp_path, caplog):
+    """An entry quarantined longer than [spool] quarantine_days is deleted with a log line; a younger one stays."""
+    import os
+    import time
+
+    spool = Spool(config.spool.path)
+    old, young = (spool.accept(message(), ["sheffield"]) for _ in range(2))
+    for envelope in (old, young):
+        spool.quarantine(envelope.id, {"sheffield": "From x is not among the senders"}, "Authentication-Results: x; none")
+        spool.done(envelope.id)
+    long_ago = time.time() - 31 * 86400
+    os.utime(spool.quarantine_dir / f"{old.id}.msg", (long_ago, long_ago))
+    with caplog.at_level("INFO", logger="esmail.daemon"), RunningDaemon(feeds(config, dns)) as server:
+        assert await eventually(lambda: server.spool.quarantined_ids() == [young.id])
+    assert any(f"{old.id}: dropped from quarantine after 30 days" in r.getMessage() for r in caplog.records)
+
+
+def test_feed_config_errors_name_the_key(tmp_path):
+    """Duplicate prefix, bad glob, a prefix outside §2's alphabet, reject with no feeds: exit 2 naming the key and the fix."""
+    cases = [
+        ('[[feed]]\nprefix = "a"\n[[feed]]\nprefix = "a"\n', "[[feed]] #2 prefix = 'a' is declared twice"),
+        ('[[feed]]\nprefix = "a"\nsenders = ["no-at-sign"]\n', "[[feed]] #1 senders must be a list of header From address globs"),
+        ('[[feed]]\nprefix = "a"\nsenders = ["*@[x.org"]\n', "[[feed]] #1 senders must be"),
+        ('[[feed]]\nprefix = "Sheffield Council"\n', "[[feed]] #1 prefix must be the recipient's local part"),
+        ('[[feed]]\nname = "x"\n', "[[feed]] #1 needs prefix"),
+        ('[smtp]\nunknown_feeds = "reject"\n', '[smtp] unknown_feeds = "reject" refuses every recipient when no [[feed]] is declared'),
+        ('[smtp]\nunknown_feeds = "drop"\n', '[smtp] unknown_feeds must be "accept"'),
+        ('[dns]\nnameservers = ["dns.google"]\n', "[dns] nameservers must be a list of resolver IP addresses"),
+        ('[[feed]]\nprefix = "a"\nexpected_every = "daily"\n', "[[feed]] #1 expected_every must be a duration"),
+    ]
+    for text, expected in cases:
+        toml = tmp_path / "c.toml"
+        toml.write_text(text)
+        result = esmail(toml, "check-config")
+        assert result.returncode == 2 and expected in result.stderr and str(toml) in result.stderr, (text, result.stderr)
+
+
+@local
+def test_check_config_prints_the_feeds_and_asks_the_resolver(config, dns, tmp_path):
+    """The feeds as declared, and one lookup through [dns] nameservers: ok with the server up, FAILED (exit 1) with it gone."""
+    toml = tmp_path / "c.toml"
+    feed = '[[feed]]\nprefix = "sheffield"\nname = "Sheffield City Council"\nsenders = ["*@sheffield.gov.uk"]\nexpected_every = "1d"\n'
+    toml.write_text(config_toml(config) + f'[dns]\nnameservers = ["127.0.0.1:{dns.port}"]\ntimeout = 1\n' + feed)
+    result = esmail(toml, "check-config")
+    assert result.returncode == 0, result.stdout + result.stderr
+    assert '[[feed]]\nprefix = "sheffield"\nname = "Sheffield City Council"\nsenders = ["*@sheffield.gov.uk"]\nauthenticated = true' in result.stdout
+    assert f"ok      dns: 127.0.0.1:{dns.port} answered for sheffield.gov.uk" in result.stdout
+    silent = DnsServer()
+    toml.write_text(config_toml(config) + f'[dns]\nnameservers = ["127.0.0.1:{silent.port}"]\ntimeout = 1\n' + feed)
+    result = esmail(toml, "check-config")
+    assert result.returncode == 1 and "FAILED  dns: sheffield.gov.uk TXT" in result.stdout
+
+
+@local
+async def test_imap_believes_only_the_topmost_header_of_its_trusted_provider(config, dns, dovecot):
+    """[[imap]] trusted_authserv_id = "mx.google.com": its topmost Authentication-Results vouches for the first message;
+    for the second it says fail, and a dmarc=pass further down (the sender's forgery) is not believed."""
+    trusted = message(headers=(("Authentication-Results", "mx.google.com; spf=pass smtp.mailfrom=reports@sheffield.gov.uk; "
+                                                           "dmarc=pass header.from=sheffield.gov.uk"),))
+    forged = message(subject="forged", headers=(
+        ("Authentication-Results", "mx.google.com; spf=pass smtp.mailfrom=bounce@attacker.example; dmarc=fail header.from=sheffield.gov.uk"),
+        ("Authentication-Results", "mx.google.com; spf=pass smtp.mailfrom=reports@sheffield.gov.uk; dmarc=pass header.from=sheffield.gov.uk")))
+    append(dovecot, trusted, forged)
+    config = with_mailbox(feeds(config, dns), dovecot, trusted_authserv_id="mx.google.com")
+    with RunningDaemon(config) as server:
+        assert await eventually(lambda: len(objects(config, "inbox")) == 2 and not server.spool.pending())
+        [held] = server.spool.quarantined_ids()
+        assert read_entry(server.spool.quarantine_dir / f"{held}.msg")[1] == forged
+    assert list(objects(config, "amr_data").values()) == [STORED_CSV]
+    copies = sorted(objects(config, "inbox").values(), key=lambda copy: b"forged" in copy)
+    assert "spf=pass smtp.mailfrom=reports@sheffield.gov.uk" in copies[0].decode().split("\r\n\r\n")[0]
+    assert copies[1].decode().startswith(f"Authentication-Results: {HOST};\r\n\tspf=pass smtp.mailfrom=bounce@attacker.example")
