@@ -7,6 +7,7 @@ need comes from the DNS server the suite starts on loopback.
 from __future__ import annotations
 
 import subprocess
+import urllib.request
 import sys
 from dataclasses import replace
 from email.message import EmailMessage
@@ -16,7 +17,7 @@ import pytest
 
 from conftest import RunningDaemon, config_toml, eventually
 from dnsserver import DnsServer, dkim_key
-from esmail.config import FeedConfig
+from esmail.config import Address, FeedConfig, HttpConfig
 from esmail.spool import Spool, read_entry
 from test_imap import append, with_mailbox
 
@@ -117,11 +118,14 @@ async def test_an_allowed_and_authenticated_sender_lands_with_its_results_on_the
 async def test_a_sender_not_listed_is_quarantined_and_listed_and_released(config, dns, tmp_path):
     """From outside the feed's senders: inbox copy only, a quarantine entry that spool list shows; released, its CSV lands."""
     raw = message(sender="someone@npower.example")
+    config = replace(config, http=HttpConfig(listen=Address("127.0.0.1", 0)))
     with RunningDaemon(feeds(config, dns)) as server:
         entry_id = send(server, signed(raw, dns, "npower.example"), "someone@npower.example")
         assert await processed(server)
         assert server.spool.quarantined_ids() == [entry_id]
         assert objects(config, "amr_data") == {} and objects(config, "unprocessable") == {}
+        scraped = urllib.request.urlopen(f"http://127.0.0.1:{server.daemon.monitor.port}/metrics", timeout=10).read().decode()
+        assert 'esmail_quarantined_total{prefix="sheffield",reason="sender"}' in scraped and "esmail_spool_quarantined 1.0" in scraped
         assert inbox_copy(config, entry_id).endswith(raw)
         toml = tmp_path / "c.toml"
         toml.write_text(config_toml(config))
