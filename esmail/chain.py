@@ -46,6 +46,7 @@ class Output:
     data: bytes
     reason: str | None = None  # why it is unprocessable
     rule: str = ""  # which routing rule decided (kinds.identify), for the log
+    kind: str = ""  # what the file was found to be (kinds: text, xlsx, zip, …); "" when nothing esmail converts
 
     @property
     def content_type(self) -> str:
@@ -81,11 +82,11 @@ def route(name: str, data: bytes, ascii_only: bool = False, depth: int = 1, budg
     try:
         if kind == TEXT:
             csv_name = name if extension(name) in (".csv", ".cns") else name + ".csv"
-            return [Output(AMR_DATA, csv_name, normalise(data, ascii_only), rule=rule)]
+            return [Output(AMR_DATA, csv_name, normalise(data, ascii_only), rule=rule, kind=kind)]
         if kind in SPREADSHEETS:
-            return [Output(AMR_DATA, _csv_name(name), normalise(spreadsheet.to_csv(data, kind), ascii_only), rule=rule)]
+            return [Output(AMR_DATA, _csv_name(name), normalise(spreadsheet.to_csv(data, kind), ascii_only), rule=rule, kind=kind)]
         if kind == HTML:
-            return [Output(AMR_DATA, _csv_name(name), normalise(html_table.to_csv(data), ascii_only), rule=rule)]
+            return [Output(AMR_DATA, _csv_name(name), normalise(html_table.to_csv(data), ascii_only), rule=rule, kind=kind)]
         if kind == ZIP:
             return _unzip(name, data, ascii_only, depth, budget)
         if kind == TNEF:
@@ -99,7 +100,7 @@ def route(name: str, data: bytes, ascii_only: bool = False, depth: int = 1, budg
         reason = str(exc)
     except Exception as exc:  # a library failing on bad input must not lose the file
         reason = f"conversion failed: {type(exc).__name__}: {exc}"
-    return [Output(UNPROCESSABLE, name, data, reason, rule)]
+    return [Output(UNPROCESSABLE, name, data, reason, rule, kind or "")]
 
 
 def _csv_name(name: str) -> str:

@@ -147,7 +147,13 @@ class RollbarConfig:
 
 @dataclass(frozen=True)
 class HttpConfig:
-    listen: Address | None = None  # /healthz and /metrics; None: off
+    listen: Address | None = None  # the page, /healthz and /metrics; None: off
+    password_env: str | None = None  # the variable holding the page's password (HTTP Basic); needed off loopback
+
+
+@dataclass(frozen=True)
+class HistoryConfig:
+    keep_days: float = 400.0  # messages received longer ago are pruned from {spool}/history.sqlite, once a day
 
 
 @dataclass(frozen=True)
@@ -193,6 +199,7 @@ class Config:
     csv: CsvConfig = CsvConfig()
     links: LinksConfig = LinksConfig()
     http: HttpConfig = HttpConfig()
+    history: HistoryConfig = HistoryConfig()
     rollbar: RollbarConfig = RollbarConfig()
     dns: DnsConfig = DnsConfig()
     imap: tuple[ImapConfig, ...] = ()
@@ -213,7 +220,7 @@ class Config:
                 lines.append(f"[[{table}]]")
                 lines += [f"{f.name} = {_show(getattr(value, f.name))}" for f in fields(value)]
         lines.append("# secrets (environment or .env.{stage})")
-        for name in (*SECRET_NAMES, *(m.password_env for m in self.imap)):
+        for name in (*SECRET_NAMES, *(m.password_env for m in self.imap), *([self.http.password_env] if self.http.password_env else [])):
             lines.append(f"# {name}: {'set (****)' if self.secrets.get(name) else 'not set'}")
         return "\n".join(lines)
 
@@ -320,6 +327,14 @@ def parse_duration(v: Any) -> float:
     return float(match.group(1)) * {"": 1, "s": 1, "m": 60, "h": 3600, "d": 86400}[match.group(2)]
 
 
+def describe_duration(seconds: float) -> str:
+    """86400 → `1d`, 5400 → `90m`: the shortest way `parse_duration` reads back."""
+    for unit, size in (("d", 86400), ("h", 3600), ("m", 60)):
+        if seconds >= size and seconds % size == 0:
+            return f"{seconds / size:g}{unit}"
+    return f"{seconds:g}s"
+
+
 _GLOB = re.compile(r"[^@\s]+@[^@\s]+")
 
 
@@ -382,7 +397,11 @@ _SCHEMA: dict[str, dict[str, tuple[Any, str]]] = {
         "nameservers": (_nameservers, 'a list of resolver IP addresses, each with an optional port, e.g. ["127.0.0.1", "[::1]:5353"]'),
         "timeout": (_seconds, "a number of seconds greater than 0 (for all lookups of one message)"),
     },
-    "http": {"listen": (parse_address, 'an address and port such as "127.0.0.1:9025"')},
+    "http": {
+        "listen": (parse_address, 'an address and port such as "127.0.0.1:9025"'),
+        "password_env": (_str, 'the name of the environment variable that holds the page\'s password, e.g. "ESMAIL_HTTP_PASSWORD"'),
+    },
+    "history": {"keep_days": (_seconds, "a number of days greater than 0")},
     "rollbar": {"endpoint": (_str, 'the API URL, "https://api.rollbar.com/api/1/" unless you run your own')},
 }
 _IMAP_SCHEMA: dict[str, tuple[Any, str]] = {
@@ -406,7 +425,8 @@ _FEED_SCHEMA: dict[str, tuple[Any, str]] = {
 }
 _SECTIONS = {
     "smtp": SmtpConfig, "storage": StorageConfig, "buckets": Buckets, "spool": SpoolConfig,
-    "worker": WorkerConfig, "csv": CsvConfig, "links": LinksConfig, "dns": DnsConfig, "http": HttpConfig, "rollbar": RollbarConfig,
+    "worker": WorkerConfig, "csv": CsvConfig, "links": LinksConfig, "dns": DnsConfig, "http": HttpConfig,
+    "history": HistoryConfig, "rollbar": RollbarConfig,
 }
 
 
@@ -428,7 +448,8 @@ def load(path: str | os.PathLike | None = None, environ: Mapping[str, str] | Non
             raise ConfigError(f"{source}: not valid TOML: {exc}") from None
     where = str(source or "the embedded default")
     config = _build(data, where)
-    config = replace(config, source=source, secrets=_secrets(config.stage, source, environ, [m.password_env for m in config.imap]))
+    more = [m.password_env for m in config.imap] + ([config.http.password_env] if config.http.password_env else [])
+    config = replace(config, source=source, secrets=_secrets(config.stage, source, environ, more))
     return _checked(config, where)
 
 
@@ -526,12 +547,27 @@ def _checked(config: Config, where: str) -> Config:
         if not config.secrets.get(mailbox.password_env):
             raise ConfigError(f"{where}: [[imap]] #{n} password_env = {mailbox.password_env!r}: that environment variable is not set; "
                               f"put the password of {mailbox.username} in it (or in .env.{config.stage})")
+    http = config.http
+    if http.password_env and not config.secrets.get(http.password_env):
+        raise ConfigError(f"{where}: [http] password_env = {http.password_env!r}: that environment variable is not set or empty; "
+                          f"put the page's password in it (or in .env.{config.stage})")
+    if http.listen and not http.password_env and not is_loopback(http.listen.host):
+        raise ConfigError(f"{where}: [http] listen = \"{http.listen}\" is reachable from other hosts, and the page lets people "
+                          "read messages and release them: set [http] password_env (HTTP Basic), or listen on 127.0.0.1 "
+                          "behind a reverse proxy")
     if smtp.unknown_feeds == "reject" and not config.feeds:
         raise ConfigError(f'{where}: [smtp] unknown_feeds = "reject" refuses every recipient when no [[feed]] is declared; '
                           'declare the feeds (a [[feed]] table with prefix = "…" each) or set unknown_feeds = "accept"')
     if len(set(vars(config.buckets).values())) != 3:
         raise ConfigError(f"{where}: [buckets] inbox, amr_data and unprocessable must be three different buckets")
     return config
+
+
+def is_loopback(host: str) -> bool:
+    try:
+        return host == "localhost" or ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False
 
 
 def _secrets(stage: str, source: Path | None, environ: Mapping[str, str], more: list[str]) -> dict[str, str]:

@@ -10,10 +10,13 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import time
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 
-from esmail.config import Config
+from esmail import feeds, metrics, report
+from esmail.config import Config, describe_duration
+from esmail.history import History, Reader, timestamp
 from esmail.imap import Mailbox
 from esmail.monitor import Monitor
 from esmail.smtp import Receiver, SmtpServer
@@ -26,6 +29,7 @@ log = logging.getLogger(__name__)
 
 WORKER_GRACE = 10.0  # seconds entries in progress may take to finish at shutdown
 HOUSEKEEPING_EVERY = 3600.0  # seconds between sweeps of the quarantine
+LATE_CHECK_EVERY = 60.0  # seconds between looks at the feeds' last messages (sooner for a feed expecting mail more often)
 
 
 class Daemon:
@@ -35,7 +39,8 @@ class Daemon:
         self.config = config
         self.spool = Spool(config.spool.path, config.spool.min_free)
         self.store = open_store(config)
-        self.worker = Worker(config, self.spool, self.store, processes=True)
+        self.history = History(self.spool.path)
+        self.worker = Worker(config, self.spool, self.store, processes=True, history=self.history)
         self.scheduler = Scheduler(self.worker, concurrency=process_pool_size(config))
         self.committer = GroupCommit(self.spool)
         known = frozenset(feed.prefix for feed in config.feeds) if config.smtp.unknown_feeds == "reject" else None
@@ -53,7 +58,9 @@ class Daemon:
         if stale:
             log.warning("removed %d unacknowledged partial messages a crash left in %s", stale, self.spool.tmp)
         scheduler = asyncio.create_task(self.scheduler.run())
+        await self.history.declare([feed.prefix for feed in self.config.feeds])
         housekeeping = asyncio.create_task(self._housekeeping())
+        watching = asyncio.create_task(self._watch_feeds())
         heartbeat = None
         self._loop = asyncio.get_running_loop()
         watchers = ThreadPoolExecutor(max(len(self.mailboxes), 1), thread_name_prefix="imap")
@@ -85,10 +92,12 @@ class Daemon:
             if heartbeat is not None:
                 heartbeat.cancel()
             housekeeping.cancel()
+            watching.cancel()
             scheduler.cancel()
             if not await self.scheduler.finish(WORKER_GRACE):
                 log.warning("entries still in progress stay in the spool for the next start")
             await asyncio.to_thread(self.worker.close)
+            await asyncio.to_thread(self.history.close)
             await self.store.close()
             self.notifier.close()
         log.info("stopped; %d entries wait in the spool", len(self.spool.pending()))
@@ -115,13 +124,49 @@ class Daemon:
             self.notifier.notify(*lines, f"STATUS={self.status()}")
 
     async def _housekeeping(self) -> None:
-        """At start and hourly: quarantined entries past [spool] quarantine_days are dropped."""
+        """At start and hourly: quarantined entries past [spool] quarantine_days are dropped; daily: the history pruned."""
+        pruned_at = 0.0
         while True:
             for envelope in await asyncio.to_thread(self.spool.drop_quarantined, self.config.spool.quarantine_days):
                 log.info("%s: dropped from quarantine after %g days (%s); its inbox copy stays", envelope.id,
                          self.config.spool.quarantine_days, "; ".join(f"{p}: {r}" for p, r in envelope.held.items()),
                          extra={"spool_id": envelope.id, "prefixes": list(envelope.held)})
+            if time.monotonic() - pruned_at >= 86400 or not pruned_at:
+                pruned_at = time.monotonic()
+                if pruned := await self.history.prune(self.config.history.keep_days):
+                    log.info("history: forgot %d messages received over %g days ago ([history] keep_days)", pruned, self.config.history.keep_days)
             await asyncio.sleep(HOUSEKEEPING_EVERY)
+
+    async def _watch_feeds(self) -> None:
+        """Feeds that went quiet: /metrics says so always; the log and Rollbar once when one becomes late, and when it recovers."""
+        watched = [feed for feed in self.config.feeds if feed.expected_every]
+        if not self.config.feeds:
+            return
+        reader = Reader(self.spool.path)
+        every = min([LATE_CHECK_EVERY] + [max(feed.expected_every / 4, 0.5) for feed in watched])
+        late: set[str] = set()
+        while True:
+            rows = await asyncio.to_thread(reader.prefixes)
+            now = time.time()
+            for feed in self.config.feeds:
+                row = rows.get(feed.prefix)
+                last = timestamp(row["last_message"]) if row else None
+                if last is not None:
+                    metrics.FEED_LAST_MESSAGE.labels(feed.prefix).set(last)
+                if not feed.expected_every:
+                    continue
+                is_late = feeds.late(feed, last, timestamp(row["first_declared"]) if row else None, now)
+                metrics.FEED_LATE.labels(feed.prefix).set(int(is_late))
+                quiet = f"nothing since {row['last_message']}" if last else "nothing yet"
+                if is_late and feed.prefix not in late:
+                    late.add(feed.prefix)
+                    log.warning("feed %s is late: %s, and it expects mail every %s", feed.prefix, quiet, describe_duration(feed.expected_every),
+                                extra={"prefixes": [feed.prefix]})
+                    report.problem("a feed is late", "warning", prefix=feed.prefix, last_message=row["last_message"] if last else "never")
+                elif not is_late and feed.prefix in late:
+                    late.discard(feed.prefix)
+                    log.info("feed %s is on time again: a message arrived %s", feed.prefix, row["last_message"], extra={"prefixes": [feed.prefix]})
+            await asyncio.sleep(every)
 
     def _announce(self) -> None:
         smtp = self.config.smtp

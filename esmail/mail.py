@@ -59,6 +59,15 @@ def parse_headers(raw: bytes) -> EmailMessage:
     return BytesParser(policy=policy.default).parsebytes(head, headersonly=True)
 
 
+def header_text(msg: EmailMessage, name: str, limit: int = 500) -> str:
+    """A header's decoded value for people (the page, the history): "" when absent or too broken to read."""
+    try:
+        value = msg.get(name)
+    except Exception:  # a header the parser cannot make sense of
+        return ""
+    return " ".join(str(value).split())[:limit] if value is not None else ""
+
+
 def header_prefix(msg: EmailMessage, domains: tuple[str, ...]) -> str | None:
     """The prefix of a message that arrived without an envelope (IMAP, `esmail ingest`), or None."""
     found = {name: _addresses(msg, name) for name in PREFIX_HEADERS}

@@ -28,3 +28,6 @@ SPOOL_OLDEST = Gauge("esmail_spool_oldest_seconds", "Age of the oldest message w
 SPOOL_QUARANTINED = Gauge("esmail_spool_quarantined", "Entries in the spool's quarantine/ folder, waiting for a human to release them",
                           registry=REGISTRY)
 SPOOL_FAILED = Gauge("esmail_spool_failed", "Entries in the spool's failed/ folder, waiting for a human", registry=REGISTRY)
+FEED_LAST_MESSAGE = Gauge("esmail_feed_last_message_timestamp_seconds", "When the last message for a declared feed was received (Unix time)",
+                          ["prefix"], registry=REGISTRY)
+FEED_LATE = Gauge("esmail_feed_late", "1 when a feed with expected_every has had nothing for 1.5 × that, else 0", ["prefix"], registry=REGISTRY)

@@ -1,4 +1,4 @@
-"""`[http] listen`: `/healthz` for a load balancer or uptime check, `/metrics` for Prometheus.
+"""`[http] listen`: `/healthz` for a load balancer or uptime check, `/metrics` for Prometheus, and the page (esmail.web).
 
 Off by default. Health is 200 only when mail can be taken and kept: the SMTP
 port listens, a message could be spooled now, the last write to storage
@@ -14,7 +14,7 @@ from typing import TYPE_CHECKING
 from aiohttp import web
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
-from esmail import metrics
+from esmail import metrics, web as page
 from esmail.errors import CannotListen, TemporaryFailure
 
 if TYPE_CHECKING:
@@ -24,9 +24,11 @@ if TYPE_CHECKING:
 class Monitor:
     def __init__(self, daemon: "Daemon"):
         self.daemon = daemon
-        app = web.Application()
+        http = daemon.config.http
+        app = web.Application(middlewares=page.middlewares(daemon.config.secrets.get(http.password_env) if http.password_env else None))
         app.router.add_get("/healthz", self.healthz)
         app.router.add_get("/metrics", self.metrics)
+        page.setup(app, daemon)
         self.runner = web.AppRunner(app, access_log=None)
         self.port: int | None = None
 

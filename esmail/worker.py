@@ -18,13 +18,14 @@ from concurrent.futures.process import BrokenProcessPool
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
-from esmail import feeds, links, metrics, report
+from esmail import feeds, history, links, mail, metrics, report
 from esmail.authentication import Authentication, Request, authenticate_entry
 from esmail.chain import INBOX, UNPROCESSABLE
 from esmail.config import Config
 from esmail.conversion import Converted, convert_entry, route_all, start_process
 from esmail.errors import ConversionCrashed, TemporaryFailure
 from esmail.feeds import Refusal
+from esmail.history import FileRow, History
 from esmail.spool import Envelope, EntryState, Spool
 from esmail.store import Store
 
@@ -50,10 +51,11 @@ class Stored:
 class Worker:
     """Processes spool entries; with `processes=True` the conversions run in a pool of its own."""
 
-    def __init__(self, config: Config, spool: Spool, store: Store, processes: bool = False):
+    def __init__(self, config: Config, spool: Spool, store: Store, processes: bool = False, history: History | None = None):
         self.config = config
         self.spool = spool
         self.store = store
+        self.history = history
         self.executor: ProcessPoolExecutor | None = self._new_pool() if processes else None
         self.store_error: str | None = None  # the last store write's failure; None once one succeeds (/healthz)
 
@@ -92,21 +94,21 @@ class Worker:
         outputs = converted.outputs
         if converted.links and passing:
             outputs = await self._in_pool(alone, route_all, await self._download(envelope, converted.links), self.config.csv.ascii_only)
-        stored = []
+        files: list[FileRow] = []
         if not envelope.folders:
             log.warning("%s: no usable recipient; the message goes whole to unprocessable", entry_id)
             report.problem("a message with no usable recipient went to unprocessable", "warning", spool_id=entry_id)
-            for bucket in (INBOX, UNPROCESSABLE):
-                stored.append(await self._put(entry_id, bucket, f"{self._message_folders(envelope)[0]}/{entry_id}.eml", copy, "message/rfc822"))
+            files += await self._put_message(envelope, copy, (INBOX, UNPROCESSABLE), self._places(envelope))
         for prefix, folder in envelope.folders.items():
-            stored.append(await self._put(entry_id, INBOX, f"{prefix}/{folder}/{entry_id}.eml", copy, "message/rfc822"))
+            files += await self._put_message(envelope, copy, (INBOX,), [(prefix, f"{prefix}/{folder}")])
             if prefix in refused:
                 continue
             for out in outputs:
-                stored.append(await self._put(entry_id, out.bucket, f"{prefix}/{folder}/{out.name}", out.data, out.content_type, out.rule))
+                stored = await self._put(entry_id, out.bucket, f"{prefix}/{folder}/{out.name}", out.data, out.content_type, out.rule)
+                files.append(FileRow(prefix, out.bucket, out.name, out.kind, out.rule, stored.bucket, stored.key, stored.size, out.reason or ""))
                 if out.reason:
                     log.warning("%s: %s/%s/%s is unprocessable: %s", entry_id, prefix, folder, out.name, out.reason)
-                    report.problem("a file went to unprocessable", "warning", prefix=prefix, key=stored[-1].key,
+                    report.problem("a file went to unprocessable", "warning", prefix=prefix, key=stored.key,
                                    reason=out.reason, spool_id=entry_id)
         if refused:
             self.spool.quarantine(entry_id, {prefix: str(refusal) for prefix, refusal in refused.items()}, auth.header)
@@ -117,9 +119,35 @@ class Worker:
         self.spool.done(entry_id)
         outcome = "stored" if passing or not envelope.folders else "quarantined"
         metrics.MESSAGES.labels(outcome).inc()
-        self._log_message(envelope, len(raw), outcome, started, objects=len(stored), inline_images=converted.inline_images,
+        self._log_message(envelope, len(raw), outcome, started, objects=len(files), inline_images=converted.inline_images,
                           auth=auth, quarantined=list(refused))
-        return stored
+        reasons = "; ".join(f"{prefix}: {refusal}" for prefix, refusal in refused.items())
+        await self._record(envelope, raw, history.RELEASED if envelope.held else outcome, started, state.attempts + 1, files,
+                           {prefix: history.QUARANTINED if prefix in refused else history.STORED for prefix in envelope.folders},
+                           auth, reasons)
+        return [Stored(f.bucket, f.key, f.bytes) for f in files]
+
+    async def _put_message(self, envelope: Envelope, raw: bytes, buckets: tuple[str, ...], places: list[tuple[str, str]]) -> list[FileRow]:
+        """The raw message (with its Authentication-Results, when it has them) in each bucket, at each (prefix, folder)."""
+        rows = []
+        for prefix, folder in places:
+            for bucket in buckets:
+                stored = await self._put(envelope.id, bucket, f"{folder}/{envelope.id}.eml", raw, "message/rfc822")
+                rows.append(FileRow(prefix, bucket, f"{envelope.id}.eml", "message", "", stored.bucket, stored.key, stored.size))
+        return rows
+
+    async def _record(self, envelope: Envelope, raw: bytes, outcome: str, started: float, attempts: int, files: list[FileRow],
+                      prefixes: dict[str, str], auth: Authentication | None = None, reason: str = "") -> None:
+        """One outcome into the history (when there is one); it never holds a message up."""
+        if self.history is None:
+            return
+        headers = mail.parse_headers(raw)
+        await self.history.record(history.Finished(
+            envelope.id, envelope.received, envelope.origin, outcome, prefixes or {NO_PREFIX: outcome}, client=envelope.client,
+            helo=envelope.helo, mail_from=envelope.sender, header_from=mail.header_text(headers, "From"),
+            subject=mail.header_text(headers, "Subject"), date=mail.header_text(headers, "Date"), size=len(raw),
+            authentication=auth.header if auth is not None else "", reason=reason, attempts=attempts,
+            seconds=round(time.monotonic() - started, 3), files=files))
 
     async def _authenticate(self, entry_id: str, envelope: Envelope, state: EntryState, alone: bool) -> Authentication | None:
         """SPF, DKIM and DMARC of the message (DESIGN §12), once feeds are declared; None when none are (no DNS at all).
@@ -238,27 +266,30 @@ class Worker:
 
     async def _give_up(self, entry_id: str, reason: str, started: float | None = None) -> list[Stored]:
         """A permanent failure: the raw message to inbox and unprocessable (when storage lets us), the entry to failed/."""
+        started = started or time.monotonic()
         envelope, raw = self.spool.load(entry_id)
         log.error("%s: %s", envelope.id, reason)
         report.problem("a message failed for good: its raw copy went to unprocessable, its entry to failed/",
                        prefix=",".join(envelope.folders) or NO_PREFIX, reason=reason, spool_id=envelope.id)
-        stored = []
+        files: list[FileRow] = []
         try:
-            for folder in self._message_folders(envelope):
-                for bucket in (INBOX, UNPROCESSABLE):
-                    stored.append(await self._put(envelope.id, bucket, f"{folder}/{envelope.id}.eml", raw, "message/rfc822"))
+            files += await self._put_message(envelope, raw, (INBOX, UNPROCESSABLE), self._places(envelope))
         except TemporaryFailure as exc:
             log.error("%s: cannot store the raw message either (%s); it is kept in %s", envelope.id, exc, self.spool.failed)
+        attempts = self.spool.read_state(entry_id).attempts
         self.spool.fail(envelope.id, reason)
         metrics.MESSAGES.labels("failed").inc()
-        self._log_message(envelope, len(raw), "failed", started or time.monotonic(), objects=len(stored))
-        return stored
+        self._log_message(envelope, len(raw), "failed", started, objects=len(files))
+        await self._record(envelope, raw, history.FAILED, started, max(attempts, 1), files,
+                           {prefix: history.FAILED for prefix, _ in self._places(envelope)}, reason=reason)
+        return [Stored(f.bucket, f.key, f.bytes) for f in files]
 
     @staticmethod
-    def _message_folders(envelope: Envelope) -> list[str]:
+    def _places(envelope: Envelope) -> list[tuple[str, str]]:
+        """(prefix, key folder) of each copy of the raw message: one per prefix, or `unknown/{time}` when it has none."""
         if envelope.folders:
-            return [f"{prefix}/{folder}" for prefix, folder in envelope.folders.items()]
-        return [f"{NO_PREFIX}/{envelope.received_at:%Y%m%d-%H%M%S}"]
+            return [(prefix, f"{prefix}/{folder}") for prefix, folder in envelope.folders.items()]
+        return [(NO_PREFIX, f"{NO_PREFIX}/{envelope.received_at:%Y%m%d-%H%M%S}")]
 
     async def _put(self, entry_id: str, logical: str, key: str, data: bytes, content_type: str, rule: str = "") -> Stored:
         """Store one object, and log it with the rule that routed it."""

@@ -1,0 +1,206 @@
+"""The page's request handlers: read (in a thread), render a template or answer JSON; retry and release act on the spool."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import mimetypes
+import re
+from datetime import datetime, timezone
+from pathlib import Path, PurePosixPath
+from typing import TYPE_CHECKING
+from urllib.parse import quote
+
+from aiohttp import web
+from jinja2 import Environment, FileSystemLoader, StrictUndefined
+
+from esmail.config import describe_duration
+from esmail.errors import TemporaryFailure
+from esmail.history import STATES, Reader
+from esmail.web import data
+from esmail.web.access import CSRF_FIELD, check_csrf, csrf_token
+from esmail.web.chart import daily_bars
+
+if TYPE_CHECKING:
+    from esmail.daemon import Daemon
+
+log = logging.getLogger(__name__)
+
+HERE = Path(__file__).parent
+_ID = re.compile(r"[0-9A-Za-z][0-9A-Za-z-]{0,80}")  # a spool id: it names files, so nothing else gets near the spool
+NOTES = {  # what a redirect after an action says (?done=): fixed texts, never the query's own
+    "retry": "Queued again: the worker takes it now.",
+    "release": "Released: it is processed now as if its feed had let it through.",
+}
+
+
+class Views:
+    def __init__(self, daemon: "Daemon"):
+        self.daemon = daemon
+        self.config = daemon.config
+        self.spool = daemon.spool
+        self.reader = Reader(daemon.spool.path)
+        self.templates = Environment(loader=FileSystemLoader(HERE / "templates"), autoescape=True, undefined=StrictUndefined)
+        self.templates.filters.update(when=_when, ago=_ago, size=_size, every=_every)
+        self.buckets = {self.config.buckets.named(logical): logical for logical in ("inbox", "amr_data", "unprocessable")}
+
+    # --- pages -----------------------------------------------------------------
+
+    async def feeds(self, request: web.Request) -> web.Response:
+        overview = await asyncio.to_thread(data.overview, self.config, self.spool, self.reader)
+        return self._render(request, "feeds.html", chart=daily_bars(overview["days"]), **overview)
+
+    async def messages(self, request: web.Request) -> web.Response:
+        listed = await asyncio.to_thread(data.messages, self.spool, self.reader, *self._filters(request))
+        return self._render(request, "messages.html", states=STATES, prefixes=self._known_prefixes(), **listed)
+
+    async def message(self, request: web.Request) -> web.Response:
+        found = await self._message(request)
+        return self._render(request, "message.html", message=found)
+
+    async def stylesheet(self, request: web.Request) -> web.Response:
+        return web.Response(text=(HERE / "static" / "esmail.css").read_text(), content_type="text/css",
+                            headers={"Cache-Control": "max-age=3600"})
+
+    # --- actions ---------------------------------------------------------------
+
+    async def retry(self, request: web.Request) -> web.Response:
+        """A failed entry back to the queue, and to the worker at once."""
+        await check_csrf(request)
+        entry_id = self._id(request)
+        if entry_id not in self.spool.failed_ids():
+            raise web.HTTPConflict(text=f"409: {entry_id} is not waiting in failed/ (already retried?)\n")
+        await asyncio.to_thread(self.spool.retry, [entry_id])
+        log.info("%s: retried from the page", entry_id, extra={"spool_id": entry_id})
+        self.daemon.scheduler.submit(entry_id)
+        raise web.HTTPSeeOther(f"/messages/{entry_id}?done=retry")
+
+    async def release(self, request: web.Request) -> web.Response:
+        """A quarantined entry let through: processed now as if its feed had passed it (the worker logs the reason overridden)."""
+        await check_csrf(request)
+        entry_id = self._id(request)
+        if entry_id not in self.spool.quarantined_ids():
+            raise web.HTTPConflict(text=f"409: {entry_id} is not waiting in quarantine/ (already released?)\n")
+        try:
+            await asyncio.to_thread(self.spool.release, [entry_id])
+        except FileExistsError:
+            raise web.HTTPConflict(text=f"409: {entry_id} is still being processed; try again in a moment\n") from None
+        log.info("%s: released from the page", entry_id, extra={"spool_id": entry_id})
+        self.daemon.scheduler.submit(entry_id)
+        raise web.HTTPSeeOther(f"/messages/{entry_id}?done=release")
+
+    # --- objects -----------------------------------------------------------------
+
+    async def object(self, request: web.Request) -> web.Response:
+        """An object from one of the three configured buckets, through the store, as a download."""
+        bucket, key = request.match_info["bucket"], request.match_info["key"]
+        if bucket not in self.buckets or not _safe_key(key):
+            raise web.HTTPNotFound(text="404: no such object (only the inbox, amr-data and unprocessable buckets are served)\n")
+        try:
+            body = await self.daemon.store.get(bucket, key)
+        except TemporaryFailure as exc:
+            raise web.HTTPServiceUnavailable(text=f"503: the store cannot be read now: {exc}\n") from None
+        if body is None:
+            raise web.HTTPNotFound(text="404: no such object\n")
+        name = PurePosixPath(key).name
+        return web.Response(body=body, headers={
+            "Content-Type": _content_type(name),
+            "Content-Disposition": f"attachment; filename=\"{_ascii(name)}\"; filename*=UTF-8''{quote(name)}"})
+
+    # --- JSON ----------------------------------------------------------------------
+
+    async def api_feeds(self, request: web.Request) -> web.Response:
+        return web.json_response(await asyncio.to_thread(data.overview, self.config, self.spool, self.reader))
+
+    async def api_messages(self, request: web.Request) -> web.Response:
+        return web.json_response(await asyncio.to_thread(data.messages, self.spool, self.reader, *self._filters(request)))
+
+    async def api_message(self, request: web.Request) -> web.Response:
+        return web.json_response(await self._message(request))
+
+    # --- helpers -------------------------------------------------------------------
+
+    def _render(self, request: web.Request, template: str, **context) -> web.Response:
+        html = self.templates.get_template(template).render(
+            stage=self.config.stage, csrf_field=CSRF_FIELD, csrf=csrf_token(request), note=NOTES.get(request.query.get("done", "")),
+            **context)
+        return web.Response(text=html, content_type="text/html", charset="utf-8")
+
+    async def _message(self, request: web.Request) -> dict:
+        found = await asyncio.to_thread(data.message, self.spool, self.reader, self._id(request))
+        if found is None:
+            raise web.HTTPNotFound(text="404: no such message in the history or the spool\n")
+        return found
+
+    @staticmethod
+    def _id(request: web.Request) -> str:
+        entry_id = request.match_info["id"]
+        if not _ID.fullmatch(entry_id):
+            raise web.HTTPNotFound(text="404: no such message\n")
+        return entry_id
+
+    @staticmethod
+    def _filters(request: web.Request) -> tuple[str, str, str, int]:
+        query = request.query
+        state = query.get("state", "")
+        if state and state not in STATES:
+            raise web.HTTPBadRequest(text=f"400: state must be one of {', '.join(STATES)}\n")
+        try:
+            page = max(int(query.get("page", "1")), 1)
+        except ValueError:
+            raise web.HTTPBadRequest(text="400: page must be a number\n") from None
+        return query.get("prefix", "").strip().lower()[:100], state, query.get("q", "").strip()[:200], page
+
+    def _known_prefixes(self) -> list[str]:
+        return sorted({feed.prefix for feed in self.config.feeds} | set(self.reader.prefixes()))
+
+
+def _safe_key(key: str) -> bool:
+    """A key as esmail writes them (DESIGN §3): no empty, `.` or `..` segments, no leading `/`, no backslash or control characters."""
+    segments = key.split("/")
+    return (0 < len(key) <= 1024 and "\\" not in key and not any(ord(c) < 32 or ord(c) == 127 for c in key)
+            and all(segment not in ("", ".", "..") for segment in segments))
+
+
+def _content_type(name: str) -> str:
+    if name.lower().endswith(".csv"):
+        return "text/csv; charset=utf-8"
+    if name.lower().endswith(".eml"):
+        return "message/rfc822"
+    return mimetypes.guess_type(name)[0] or "application/octet-stream"
+
+
+def _ascii(name: str) -> str:
+    return "".join(c if 32 <= ord(c) < 127 and c not in '"\\' else "_" for c in name)
+
+
+# --- template filters -----------------------------------------------------------------
+
+def _when(iso: str | None) -> str:
+    """`2026-12-03T09:23:11+00:00` → `2026-12-03 09:23:11 UTC`."""
+    if not iso:
+        return "never"
+    return datetime.fromisoformat(iso).astimezone(timezone.utc).strftime("%Y-%m-%d %H:%M:%S UTC")
+
+
+def _ago(iso: str | None) -> str:
+    if not iso:
+        return ""
+    seconds = max(int((datetime.now(timezone.utc) - datetime.fromisoformat(iso)).total_seconds()), 0)
+    for unit, size in (("d", 86400), ("h", 3600), ("m", 60)):
+        if seconds >= size:
+            return f"{seconds // size}{unit} ago"
+    return f"{seconds}s ago"
+
+
+def _size(count: int | None) -> str:
+    if count is None:
+        return ""
+    for unit, size in (("MB", 10**6), ("KB", 10**3)):
+        if count >= size:
+            return f"{count / size:.1f} {unit}"
+    return f"{count} B"
+
+
+def _every(seconds: float | None) -> str:
+    return describe_duration(seconds) if seconds else ""

@@ -1,0 +1,75 @@
+"""The page in a real browser: Debian's headless Chromium driven by selenium through the system chromedriver."""
+
+from __future__ import annotations
+
+import os
+import shutil
+from dataclasses import replace
+
+import pytest
+
+from conftest import RunningDaemon, eventually
+from esmail.config import WorkerConfig
+from test_web import message, send, with_page
+
+
+@pytest.fixture
+def chrome(tmp_path):
+    chromium, chromedriver = shutil.which("chromium"), shutil.which("chromedriver")
+    if not chromium or not chromedriver:
+        if os.environ.get("CI"):
+            pytest.fail("Chromium is not installed, and CI is set: .ci/run must install the Debian packages chromium and chromium-driver")
+        pytest.skip("Chromium is not installed: apt-get install chromium chromium-driver (the page is tested in a real browser)")
+    from selenium import webdriver
+    from selenium.webdriver.chrome.service import Service
+
+    options = webdriver.ChromeOptions()
+    options.binary_location = chromium
+    for flag in ("--headless=new", "--no-sandbox", "--disable-gpu", "--disable-dev-shm-usage", "--no-first-run", "--disable-quic",
+                 "--disable-background-networking", "--disable-component-update", "--disable-sync", f"--user-data-dir={tmp_path / 'chrome'}"):
+        options.add_argument(flag)
+    driver = webdriver.Chrome(service=Service(executable_path=chromedriver), options=options)
+    driver.implicitly_wait(5)
+    yield driver
+    driver.quit()
+
+
+@pytest.mark.parametrize("config", ["local"], indirect=True)
+async def test_a_person_reads_the_feeds_opens_a_failed_message_and_retries_it(config, chrome, tmp_path):
+    """The feeds table and the chart on /, the failed message from the list, Retry pressed: the page says it is queued
+    again, and once the storage is back the message shows as stored with its CSV."""
+    from selenium.webdriver.common.by import By
+
+    blocked = tmp_path / "data"
+    blocked.write_text("a file where the buckets' folder should be")
+    with RunningDaemon(replace(with_page(config), worker=WorkerConfig(processes=1, max_attempts=1))) as server:
+        failed_id = send(server, message(subject="March readings"))
+        assert await eventually(lambda: server.spool.failed_ids() == [failed_id])
+        blocked.unlink()
+        base = f"http://127.0.0.1:{server.daemon.monitor.port}"
+
+        chrome.get(base + "/")
+        rows = chrome.find_elements(By.CSS_SELECTOR, "table.feeds tbody tr")
+        assert [row.get_attribute("data-prefix") for row in rows] == ["sheffield"]
+        assert rows[0].find_element(By.CSS_SELECTOR, ".badge").text == "failed"
+        assert chrome.find_element(By.CSS_SELECTOR, "svg.chart").is_displayed()
+        assert "0 stored" in chrome.find_element(By.CSS_SELECTOR, "section.totals").text
+
+        chrome.find_element(By.LINK_TEXT, "Failed").click()
+        chrome.find_element(By.CSS_SELECTOR, f'tr[data-id="{failed_id}"] a').click()
+        assert chrome.find_element(By.TAG_NAME, "h1").text == "March readings"
+        assert chrome.find_element(By.CSS_SELECTOR, "p.state .badge").text == "failed"
+
+        chrome.find_element(By.XPATH, "//button[text()='Retry']").click()
+        assert chrome.find_element(By.CSS_SELECTOR, "p.note").text == "Queued again: the worker takes it now."
+        assert chrome.current_url == f"{base}/messages/{failed_id}?done=retry"
+
+        def stored() -> bool:
+            chrome.get(f"{base}/messages/{failed_id}")
+            return chrome.find_element(By.CSS_SELECTOR, "p.state .badge").text == "stored"
+
+        assert await eventually(stored, timeout=30, interval=0.5)
+        keys = [cell.text for cell in chrome.find_elements(By.CSS_SELECTOR, "table.files tbody td:nth-child(6)")]
+        assert any(key.startswith("sheffield/") and key.endswith("/export.csv") for key in keys)
+        outcomes = [cell.text for cell in chrome.find_elements(By.CSS_SELECTOR, "table.outcomes tbody td:nth-child(2)")]
+        assert outcomes == ["failed", "retried"]
