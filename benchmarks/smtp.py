@@ -161,9 +161,9 @@ def free_port() -> int:
 
 
 class Server:
-    def __init__(self, argv: list[str], port: int, cwd: Path | None = None):
+    def __init__(self, argv: list[str], port: int, cwd: Path | None = None, env: dict | None = None):
         self.port = port
-        self.process = subprocess.Popen(argv, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, cwd=cwd)
+        self.process = subprocess.Popen(argv, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, cwd=cwd, env=env)
         deadline = time.monotonic() + 60
         while time.monotonic() < deadline:
             try:
@@ -190,12 +190,14 @@ def accept_server(spool: Path) -> Server:
     return Server([sys.executable, str(HERE), "_serve_accept", str(port), str(spool)], port)
 
 
-def daemon(work: Path, more: str = "") -> Server:
+def daemon(work: Path, more: str = "", tree: Path | None = None) -> Server:
+    """`esmail serve` on a fresh spool; `tree`: the esmail of another checkout (`git worktree add DIR REV`)."""
     port = free_port()
     (work / "esmail.toml").write_text(
         f'[smtp]\nlisten = "127.0.0.1:{port}"\nhostname = "bench"\n[storage]\npath = "{work / "data"}"\n'
         f'[spool]\npath = "{work / "spool"}"\nmin_free = 0\n{more}')
-    return Server([sys.executable, "-m", "esmail", "--config", str(work / "esmail.toml"), "--log-level", "warning", "serve"], port)
+    env = {**os.environ, "PYTHONPATH": str(tree)} if tree else None
+    return Server([sys.executable, "-m", "esmail", "--config", str(work / "esmail.toml"), "--log-level", "warning", "serve"], port, env=env)
 
 
 def dns_server():
@@ -297,7 +299,10 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--seconds", type=float, default=8.0, help="load per measurement (default 8)")
     parser.add_argument("--sessions", type=int, default=16)
+    parser.add_argument("--against", type=Path, metavar="DIR",
+                        help="also measure the 5 KB serve row of the esmail in another checkout (git worktree add DIR REV)")
     args = parser.parse_args()
+    args.against = args.against.resolve() if args.against else None
     work = Path(tempfile.mkdtemp(prefix="esmail-bench-"))
     try:
         client = "Postfix smtp-source, a connection per message" if shutil.which("smtp-source") else "the script's client, sessions kept open"
@@ -313,6 +318,8 @@ def main() -> None:
                        (serve, lambda: daemon(_fresh(work / f"daemon-{size}")))]
             if size == 5_000:
                 servers.append(("esmail serve, a [[feed]] declared", lambda: feeds_daemon(_fresh(work / "feeds"), dns.server.server_address[1])))
+                if args.against:
+                    servers.append((f"esmail serve of {args.against.name}", lambda: daemon(_fresh(work / "against"), tree=args.against)))
             for name, start in servers:
                 server = start()
                 try:
@@ -324,6 +331,8 @@ def main() -> None:
                 ratio = "" if name.startswith("bare") else f"{measured / bare:.2f}× bare" + (f" (≥ {target}×)" if "spool" in name else "")
                 if "feed" in name:
                     ratio += f", {measured / rates[(size, serve)]:.2f}× without feeds (≥ 0.9×)"
+                if args.against and name.endswith(args.against.name):
+                    ratio += f"; this tree's serve is {rates[(size, serve)] / measured:.2f}× it"
                 print(f"{label + ' · ' + name:48} {measured:8.1f}   {ratio}", flush=True)
         dns.stop()
 

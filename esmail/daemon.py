@@ -18,7 +18,6 @@ from esmail import feeds, metrics, report
 from esmail.config import Config, describe_duration
 from esmail.history import History, Reader, timestamp
 from esmail.imap import Mailbox
-from esmail.monitor import Monitor
 from esmail.smtp import Receiver, SmtpServer
 from esmail.spool import GroupCommit, Spool
 from esmail.store import open_store
@@ -48,7 +47,11 @@ class Daemon:
         self.smtp = SmtpServer(config.smtp, receiver) if listen else None
         self.mailboxes = [Mailbox(box, config.secrets[box.password_env], self.spool, self._submit_threadsafe, config.smtp.domains,
                                   config.smtp.max_message_size) for box in config.imap]
-        self.monitor = Monitor(self) if config.http.listen else None
+        self.monitor = None
+        if config.http.listen:  # the page's imports (Jinja2) only where it is served
+            from esmail.monitor import Monitor
+
+            self.monitor = Monitor(self)
         self.notifier = Notifier()
         self._stopping = asyncio.Event()
 

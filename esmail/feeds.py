@@ -11,10 +11,13 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from fnmatch import fnmatchcase
+from typing import TYPE_CHECKING
 
-from esmail.authentication import Authentication
 from esmail.config import FeedConfig
 from esmail.errors import TemporaryFailure
+
+if TYPE_CHECKING:
+    from esmail.authentication import Authentication
 
 LATE_AFTER = 1.5  # × expected_every
 SENDER = "sender"  # the kinds of refusal, as /metrics counts them

@@ -17,17 +17,20 @@ from concurrent.futures import ProcessPoolExecutor
 from concurrent.futures.process import BrokenProcessPool
 from dataclasses import asdict, dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
-from esmail import feeds, history, links, mail, metrics, report
-from esmail.authentication import Authentication, Request, authenticate_entry
+from esmail import history, links, mail, metrics, report
 from esmail.chain import INBOX, UNPROCESSABLE
 from esmail.config import Config
 from esmail.conversion import Converted, convert_entry, route_all, start_process
 from esmail.errors import ConversionCrashed, TemporaryFailure
-from esmail.feeds import Refusal
 from esmail.history import FileRow, History
 from esmail.spool import Envelope, EntryState, Spool
 from esmail.store import Store
+
+if TYPE_CHECKING:  # the checks themselves (dkimpy, pyspf, dnspython) are imported only where feeds are declared
+    from esmail.authentication import Authentication
+    from esmail.feeds import Refusal
 
 log = logging.getLogger(__name__)
 
@@ -157,6 +160,8 @@ class Worker:
         """
         if not self.config.feeds:
             return None
+        from esmail.authentication import Authentication, Request, authenticate_entry
+
         if envelope.held:
             return Authentication(envelope.authentication, "", True)
         if state.authentication is not None:
@@ -176,7 +181,9 @@ class Worker:
                 log.warning("%s: released by an operator for %s, overriding: %s", envelope.id, prefix, reason,
                             extra={"spool_id": envelope.id, "prefixes": [prefix], "reason": reason})
             return {}
-        refused = {prefix: feeds.judge(self.config.feed(prefix), auth) for prefix in envelope.folders}
+        from esmail.feeds import judge
+
+        refused = {prefix: judge(self.config.feed(prefix), auth) for prefix in envelope.folders}
         return {prefix: refusal for prefix, refusal in refused.items() if refusal is not None}
 
     @staticmethod
