@@ -19,7 +19,7 @@ from esmail import __version__, chain, config as config_module, logs, mail, repo
 from esmail.config import Config
 from esmail.daemon import Daemon
 from esmail.errors import CannotListen, ConfigError, TemporaryFailure
-from esmail.imap import count_messages, describe
+from esmail.imap import count_messages, describe, login_for
 from esmail.keys import prefix_of
 from esmail.spool import Spool
 from esmail.store import open_store
@@ -248,12 +248,18 @@ async def _check_config(config: Config, args) -> int:
             print(f"FAILED  dns: {exc} ([dns] nameservers; SPF, DKIM and DMARC need a resolver that answers)")
             status = 1
     for box in config.imap:
+        login = login_for(box, config.secrets)
         try:
-            count = await asyncio.to_thread(count_messages, box, config.secrets[box.password_env])
-            print(f"ok      imap {box}: {count} messages in {box.folder}")
+            count = await asyncio.to_thread(count_messages, box, login)
         except Exception as exc:
-            print(f"FAILED  imap {box}: {describe(exc)}")
+            print(f"FAILED  imap {box}: {describe(exc, box)}")
             status = 1
+            continue
+        token = ""
+        if box.auth == "oauth2":
+            expires = datetime.fromtimestamp(login.tokens.expires_at, timezone.utc)
+            token = f"; OAuth2 token ({login.tokens.grant} grant) valid until {expires:%Y-%m-%d %H:%M:%S} UTC"
+        print(f"ok      imap {box}: {count} messages in {box.folder}{token}")
     return status
 
 

@@ -104,13 +104,23 @@ IMAP_TLS = ("implicit", "starttls", "none")
 LOCALHOST = ("localhost", "127.0.0.1", "::1")
 
 
+IMAP_AUTH = ("password", "oauth2")
+
+
 @dataclass(frozen=True)
 class ImapConfig:
-    """One `[[imap]]` mailbox; its password is in the environment variable `password_env`."""
+    """One `[[imap]]` mailbox. Its secrets are in environment variables the `*_env` keys name: the password,
+    or for OAuth2 (DESIGN §14) the client secret and, for a refresh-token grant, the refresh token."""
 
     host: str
     username: str
-    password_env: str
+    password_env: str | None = None
+    auth: str = "password"  # or "oauth2"
+    token_url: str | None = None
+    client_id: str | None = None
+    client_secret_env: str | None = None
+    refresh_token_env: str | None = None  # set: refresh-token grant (Google); else client credentials (Microsoft 365)
+    scope: str | None = None
     port: int = 0  # 0: 993 with implicit TLS, else 143
     tls: str = "implicit"
     folder: str = "INBOX"
@@ -121,6 +131,12 @@ class ImapConfig:
 
     def __str__(self) -> str:
         return f"{self.username}@{self.host}:{self.port}/{self.folder}"
+
+    @property
+    def secret_keys(self) -> dict[str, str]:
+        """key → the environment variable it names, for each secret this mailbox needs."""
+        keys = ("password_env",) if self.auth == "password" else ("client_secret_env", "refresh_token_env")
+        return {key: getattr(self, key) for key in keys if getattr(self, key)}
 
 
 @dataclass(frozen=True)
@@ -220,7 +236,7 @@ class Config:
                 lines.append(f"[[{table}]]")
                 lines += [f"{f.name} = {_show(getattr(value, f.name))}" for f in fields(value)]
         lines.append("# secrets (environment or .env.{stage})")
-        for name in (*SECRET_NAMES, *(m.password_env for m in self.imap), *([self.http.password_env] if self.http.password_env else [])):
+        for name in secret_names(self):
             lines.append(f"# {name}: {'set (****)' if self.secrets.get(name) else 'not set'}")
         return "\n".join(lines)
 
@@ -415,7 +431,16 @@ _IMAP_SCHEMA: dict[str, tuple[Any, str]] = {
     "poll_interval": (_seconds, "a number of seconds greater than 0"),
     "prefix": (_str, 'a feed prefix such as "sheffield" (a-z 0-9 . _ + -)'),
     "trusted_authserv_id": (_str, 'the authserv-id of the provider\'s Authentication-Results header, e.g. "mx.google.com"'),
+    "auth": (_one_of(*IMAP_AUTH), '"password" (default) or "oauth2" (Microsoft 365, Google Workspace)'),
+    "token_url": (_str, 'the OAuth2 token endpoint, e.g. "https://login.microsoftonline.com/TENANT/oauth2/v2.0/token"'),
+    "client_id": (_str, "the OAuth2 client (application) id"),
+    "client_secret_env": (_str, 'the name of the environment variable that holds the OAuth2 client secret, e.g. "IMAP_CLIENT_SECRET"'),
+    "refresh_token_env": (_str, 'the name of the environment variable that holds the OAuth2 refresh token, e.g. "IMAP_REFRESH_TOKEN"'),
+    "scope": (_str, 'the OAuth2 scope, e.g. "https://outlook.office365.com/.default"'),
 }
+# Secrets written into a [[imap]] table by mistake: refused, naming the *_env key that should name their variable
+_IMAP_SECRETS = {"password": "password_env", "client_secret": "client_secret_env", "refresh_token": "refresh_token_env",
+                 "access_token": "client_secret_env"}
 _FEED_SCHEMA: dict[str, tuple[Any, str]] = {
     "prefix": (_str, 'the recipient\'s local part, e.g. "sheffield" (a-z 0-9 . _ + -, no leading, trailing or double dot)'),
     "name": (_str, 'a name for people, e.g. "Sheffield City Council"'),
@@ -448,8 +473,7 @@ def load(path: str | os.PathLike | None = None, environ: Mapping[str, str] | Non
             raise ConfigError(f"{source}: not valid TOML: {exc}") from None
     where = str(source or "the embedded default")
     config = _build(data, where)
-    more = [m.password_env for m in config.imap] + ([config.http.password_env] if config.http.password_env else [])
-    config = replace(config, source=source, secrets=_secrets(config.stage, source, environ, more))
+    config = replace(config, source=source, secrets=_secrets(config.stage, source, environ, secret_names(config)))
     return _checked(config, where)
 
 
@@ -515,10 +539,20 @@ def _mailboxes(tables: Any, where: str) -> tuple[ImapConfig, ...]:
     mailboxes = []
     for n, table in enumerate(_tables(tables, "imap", "mailbox", where), 1):
         name = f"[[imap]] #{n}"
+        for key in table:
+            if key in _IMAP_SECRETS:
+                raise ConfigError(f"{where}: {name} {key}: secrets never go in the config file; put it in an environment variable "
+                                  f"(or .env.{{stage}}) and name that variable in {_IMAP_SECRETS[key]}")
         values = _converted(table, _IMAP_SCHEMA, name, where)
-        for key in ("host", "username", "password_env"):
+        auth = values.get("auth", "password")
+        needed = ("host", "username", "password_env") if auth == "password" else ("host", "username", "token_url", "client_id", "client_secret_env")
+        for key in needed:
             if key not in values:
-                raise ConfigError(f"{where}: {name} needs {key}: {_IMAP_SCHEMA[key][1]}")
+                hint = ' (auth = "oauth2")' if auth == "oauth2" else ' (or auth = "oauth2" with token_url, client_id, client_secret_env)'
+                raise ConfigError(f"{where}: {name} needs {key}{hint}: {_IMAP_SCHEMA[key][1]}")
+        if auth == "oauth2" and not _https_or_local(values["token_url"]):
+            raise ConfigError(f"{where}: {name} token_url must be an https:// URL (http only to localhost): the client secret is sent there; "
+                              f"got {values['token_url']!r}")
         tls = values.get("tls", "implicit")
         if tls not in IMAP_TLS:
             raise ConfigError(f"{where}: {name} tls must be {_IMAP_SCHEMA['tls'][1]}; got {tls!r}")
@@ -544,9 +578,12 @@ def _checked(config: Config, where: str) -> Config:
     if smtp.require_tls and smtp.tls_cert is None:
         raise ConfigError(f"{where}: [smtp] require_tls = true needs tls_cert and tls_key")
     for n, mailbox in enumerate(config.imap, 1):
-        if not config.secrets.get(mailbox.password_env):
-            raise ConfigError(f"{where}: [[imap]] #{n} password_env = {mailbox.password_env!r}: that environment variable is not set; "
-                              f"put the password of {mailbox.username} in it (or in .env.{config.stage})")
+        for key, variable in mailbox.secret_keys.items():
+            if not config.secrets.get(variable):
+                what = {"password_env": "the password", "client_secret_env": "the OAuth2 client secret",
+                        "refresh_token_env": "the OAuth2 refresh token"}[key]
+                raise ConfigError(f"{where}: [[imap]] #{n} {key} = {variable!r}: that environment variable is not set; "
+                                  f"put {what} of {mailbox.username} in it (or in .env.{config.stage})")
     http = config.http
     if http.password_env and not config.secrets.get(http.password_env):
         raise ConfigError(f"{where}: [http] password_env = {http.password_env!r}: that environment variable is not set or empty; "
@@ -563,6 +600,13 @@ def _checked(config: Config, where: str) -> Config:
     return config
 
 
+def _https_or_local(url: str) -> bool:
+    from urllib.parse import urlsplit
+
+    parts = urlsplit(url)
+    return bool(parts.hostname) and (parts.scheme == "https" or (parts.scheme == "http" and is_loopback(parts.hostname)))
+
+
 def is_loopback(host: str) -> bool:
     try:
         return host == "localhost" or ipaddress.ip_address(host).is_loopback
@@ -570,9 +614,15 @@ def is_loopback(host: str) -> bool:
         return False
 
 
-def _secrets(stage: str, source: Path | None, environ: Mapping[str, str], more: list[str]) -> dict[str, str]:
+def secret_names(config: Config) -> list[str]:
+    """Every environment variable a secret may come from: the fixed ones, and those the config names."""
+    named = [name for mailbox in config.imap for name in mailbox.secret_keys.values()]
+    return list(dict.fromkeys([*SECRET_NAMES, *named, *([config.http.password_env] if config.http.password_env else [])]))
+
+
+def _secrets(stage: str, source: Path | None, environ: Mapping[str, str], names: list[str]) -> dict[str, str]:
     """Secrets from `.env.{stage}` (beside the config file, else the working directory), the environment winning."""
     env_file = (source.parent if source else Path.cwd()) / f".env.{stage}"
     values = {k: v for k, v in dotenv_values(env_file).items() if v is not None} if env_file.is_file() else {}
     values.update({k: v for k, v in environ.items()})
-    return {name: values[name] for name in (*SECRET_NAMES, *more) if values.get(name)}
+    return {name: values[name] for name in names if values.get(name)}

@@ -17,7 +17,7 @@ from concurrent.futures import ThreadPoolExecutor
 from esmail import feeds, metrics, report
 from esmail.config import Config, describe_duration
 from esmail.history import History, Reader, timestamp
-from esmail.imap import Mailbox
+from esmail.imap import Mailbox, login_for
 from esmail.smtp import Receiver, SmtpServer
 from esmail.spool import GroupCommit, Spool
 from esmail.store import open_store
@@ -45,7 +45,7 @@ class Daemon:
         known = frozenset(feed.prefix for feed in config.feeds) if config.smtp.unknown_feeds == "reject" else None
         receiver = Receiver(config.smtp, self.committer, self.scheduler.submit, known)
         self.smtp = SmtpServer(config.smtp, receiver) if listen else None
-        self.mailboxes = [Mailbox(box, config.secrets[box.password_env], self.spool, self._submit_threadsafe, config.smtp.domains,
+        self.mailboxes = [Mailbox(box, login_for(box, config.secrets), self.spool, self._submit_threadsafe, config.smtp.domains,
                                   config.smtp.max_message_size) for box in config.imap]
         self.monitor = None
         if config.http.listen:  # the page's imports (Jinja2) only where it is served

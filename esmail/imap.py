@@ -20,7 +20,7 @@ import socket
 import ssl
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from datetime import datetime, timezone
 from email.message import EmailMessage
 
@@ -39,10 +39,10 @@ MAX_BACKOFF = 300.0
 class Mailbox:
     """One mailbox's watcher: `run()` until `stop()`; every spooled entry id goes to `on_spooled`."""
 
-    def __init__(self, config: ImapConfig, password: str, spool: Spool, on_spooled: Callable[[str], None],
+    def __init__(self, config: ImapConfig, login: Login, spool: Spool, on_spooled: Callable[[str], None],
                  domains: tuple[str, ...], max_message_size: int):
         self.config = config
-        self.password = password
+        self.login = login
         self.spool = spool
         self.on_spooled = on_spooled
         self.domains = domains
@@ -81,16 +81,17 @@ class Mailbox:
                 if self._stopping.is_set():
                     break
                 failures += 1
-                self.problem = describe(exc)
+                self.problem = describe(exc, self.config)
                 if failures == 1:  # once per outage, not once per attempt
-                    log.warning("%s: %s; retrying with backoff up to %.0fs (quiet until it recovers)", self.config, describe(exc), MAX_BACKOFF)
-                    report.problem("an IMAP mailbox cannot be read", mailbox=str(self.config), reason=describe(exc))
+                    log.warning("%s: %s; retrying with backoff up to %.0fs (quiet until it recovers)", self.config, self.problem, MAX_BACKOFF)
+                    report.problem("an IMAP mailbox cannot be read", mailbox=str(self.config), reason=self.problem,
+                                   code=getattr(exc, "code", ""))
                 self._stopping.wait(min(2.0 ** (failures - 1), MAX_BACKOFF))
 
     # --- one connection ---------------------------------------------------------
 
     def _connect(self) -> imaplib.IMAP4:
-        return connect(self.config, self.password)
+        return connect(self.config, self.login)
 
     def _ensure_folder(self, conn: imaplib.IMAP4, folder: str) -> None:
         typ, data = conn.list('""', _quoted(folder))
@@ -191,7 +192,29 @@ class Mailbox:
                 return
 
 
-def connect(config: ImapConfig, password: str) -> imaplib.IMAP4:
+class PasswordLogin:
+    """LOGIN with the mailbox's password."""
+
+    def __init__(self, password: str):
+        self.password = password
+
+    def __call__(self, conn: imaplib.IMAP4, config: ImapConfig) -> None:
+        conn.login(config.username, self.password)
+
+
+Login = Callable[[imaplib.IMAP4, ImapConfig], None]
+
+
+def login_for(config: ImapConfig, secrets: Mapping[str, str]) -> Login:
+    """How a mailbox logs in: its password, or OAuth2 tokens (esmail.oauth)."""
+    if config.auth == "oauth2":
+        from esmail.oauth import OAuth2Login, Tokens
+
+        return OAuth2Login(Tokens(config, secrets))
+    return PasswordLogin(secrets[config.password_env])
+
+
+def connect(config: ImapConfig, login: Login) -> imaplib.IMAP4:
     """A logged-in connection, TLS as configured (certificates checked)."""
     if config.tls == "implicit":
         conn = imaplib.IMAP4_SSL(config.host, config.port, ssl_context=ssl.create_default_context(), timeout=IO_TIMEOUT)
@@ -200,16 +223,16 @@ def connect(config: ImapConfig, password: str) -> imaplib.IMAP4:
         if config.tls == "starttls":
             conn.starttls(ssl.create_default_context())
     try:
-        conn.login(config.username, password)
+        login(conn, config)
     except BaseException:
         conn.shutdown()
         raise
     return conn
 
 
-def count_messages(config: ImapConfig, password: str) -> int:
+def count_messages(config: ImapConfig, login: Login) -> int:
     """Log in and count the folder's messages (`esmail check-config`)."""
-    with connect(config, password) as conn:
+    with connect(config, login) as conn:
         typ, data = conn.select(_quoted(config.folder), readonly=True)
         if typ != "OK":
             raise imaplib.IMAP4.error(f"cannot open the folder {config.folder!r}: {data[0]!r}")
@@ -241,9 +264,13 @@ def _quoted(folder: str) -> str:
     return '"' + folder.replace("\\", "\\\\").replace('"', '\\"') + '"'
 
 
-def describe(exc: BaseException) -> str:
+def describe(exc: BaseException, config: ImapConfig | None = None) -> str:
+    """An error in the words an operator needs, with what to check."""
     if isinstance(exc, imaplib.IMAP4.error) and ("AUTHENTICATIONFAILED" in str(exc) or "Authentication failed" in str(exc)):
-        return f"login refused (check username and the password in password_env): {exc}"
+        check = ("the app's IMAP access to this mailbox: Microsoft 365, the IMAP.AccessAsApp permission and the Exchange "
+                 "mailbox permission; Google, the grant behind the refresh token" if config is not None and config.auth == "oauth2"
+                 else "the password in password_env")
+        return f"login refused (check username and {check}): {exc}"
     if isinstance(exc, socket.timeout):
         return f"no answer within {IO_TIMEOUT:.0f}s"
     return f"{type(exc).__name__}: {exc}"

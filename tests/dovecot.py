@@ -26,7 +26,9 @@ def available() -> bool:
 
 
 class Dovecot:
-    def __init__(self, root: Path, cert: Path, key: Path):
+    def __init__(self, root: Path, cert: Path, key: Path, introspection_url: str | None = None):
+        """`introspection_url`: log in only with OAuth2 tokens (XOAUTH2, OAUTHBEARER), which Dovecot's oauth2 passdb
+        checks there (RFC 7662 introspection); no password passdb, so a password cannot get in."""
         self.root = root
         self.port, self.tls_port = free_port(), free_port()
         for folder in ("run", "state", "home"):
@@ -39,6 +41,12 @@ class Dovecot:
                 os.chmod(folder, mode | 0o055)
         for path in (root / "passwd", cert, key):
             os.chmod(path, 0o644)
+        mechanisms, passdb = "plain login", f"driver = passwd-file\n  args = scheme=PLAIN username_format=%u {root}/passwd"
+        if introspection_url:
+            (root / "oauth2.conf.ext").write_text(f"introspection_mode = post\nintrospection_url = {introspection_url}\n"
+                                                  "username_attribute = username\nactive_attribute = active\nactive_value = true\n")
+            os.chmod(root / "oauth2.conf.ext", 0o644)
+            mechanisms, passdb = "xoauth2 oauthbearer", f"driver = oauth2\n  mechanisms = xoauth2 oauthbearer\n  args = {root}/oauth2.conf.ext"
         self.conf = root / "dovecot.conf"
         self.conf.write_text(f"""
 protocols = imap
@@ -50,13 +58,12 @@ default_login_user = dovenull
 default_internal_user = dovecot
 first_valid_uid = 1
 disable_plaintext_auth = no
-auth_mechanisms = plain login
+auth_mechanisms = {mechanisms}
 ssl = yes
 ssl_cert = <{cert}
 ssl_key = <{key}
 passdb {{
-  driver = passwd-file
-  args = scheme=PLAIN username_format=%u {root}/passwd
+  {passdb}
 }}
 userdb {{
   driver = static

@@ -69,8 +69,9 @@ def test_the_example_imap_table_loads_once_uncommented(tmp_path):
     imap = example[example.index("# [[imap]]"):example.index("# Feeds:")]
     toml = tmp_path / "c.toml"
     toml.write_text("\n".join(line[2:] for line in imap.splitlines() if line.startswith("# ")))
-    [mailbox] = config_module.load(toml, environ={"IMAP_PASSWORD": "x"}).imap
+    [mailbox] = config_module.load(toml, environ={"IMAP_PASSWORD": "x", "IMAP_CLIENT_SECRET": "y", "IMAP_REFRESH_TOKEN": "z"}).imap
     assert (mailbox.host, mailbox.port, mailbox.tls, mailbox.prefix) == ("outlook.office365.com", 993, "implicit", "sheffield")
+    assert mailbox.auth == "password" and mailbox.secret_keys == {"password_env": "IMAP_PASSWORD"}
     with pytest.raises(ConfigError, match=r"\[\[imap\]\] #1 password_env = 'IMAP_PASSWORD': that environment variable is not set"):
         config_module.load(toml, environ={})
 
@@ -102,6 +103,17 @@ def test_the_example_feed_table_loads_once_uncommented(tmp_path):
     ('[[imap]]\nhost = "imap.example.org"\nusername = "u"\n', "[[imap]] #1 needs password_env"),
     ('[[imap]]\nhost = "h"\nusername = "u"\npassword_env = "P"\nprefix = "Bad Prefix"\n', "[[imap]] #1 prefix must be"),
     ('[[imap]]\nhost = "h"\nusername = "u"\npassword_env = "P"\nfolders = "x"\n', "unknown key [[imap]] #1 folders"),
+    ('[[imap]]\nhost = "h"\nusername = "u"\nauth = "oauth2"\ntoken_url = "https://t/token"\nclient_id = "c"\nclient_secret = "hunter2"\n',
+     "[[imap]] #1 client_secret: secrets never go in the config file; put it in an environment variable (or .env.{stage}) "
+     "and name that variable in client_secret_env"),
+    ('[[imap]]\nhost = "h"\nusername = "u"\npassword = "hunter2"\n', "[[imap]] #1 password: secrets never go in the config file"),
+    ('[[imap]]\nhost = "h"\nusername = "u"\nauth = "oauth2"\nclient_id = "c"\nclient_secret_env = "S"\n',
+     '[[imap]] #1 needs token_url (auth = "oauth2")'),
+    ('[[imap]]\nhost = "h"\nusername = "u"\nauth = "oauth2"\ntoken_url = "http://login.example/token"\nclient_id = "c"\nclient_secret_env = "S"\n',
+     "[[imap]] #1 token_url must be an https:// URL"),
+    ('[[imap]]\nhost = "h"\nusername = "u"\nauth = "kerberos"\n', '[[imap]] #1 auth must be "password" (default) or "oauth2"'),
+    ('[[imap]]\nhost = "h"\nusername = "u"\nauth = "oauth2"\ntoken_url = "https://t/token"\nclient_id = "c"\nclient_secret_env = "NO_SUCH"\n',
+     "[[imap]] #1 client_secret_env = 'NO_SUCH': that environment variable is not set; put the OAuth2 client secret of u in it"),
 ])
 def test_errors_name_the_key(tmp_path, text, message):
     path = tmp_path / "c.toml"
