@@ -145,7 +145,8 @@ async def _serve_accept(port: int, spool_path: str) -> None:
     """esmail's receiving side as the daemon builds it (smtp + spool + group commit), without the worker."""
     from esmail.config import Address, SmtpConfig
     from esmail.smtp import Receiver, SmtpServer
-    from esmail.spool import GroupCommit, Spool
+    from esmail.group_commit import GroupCommit
+    from esmail.spool import Spool
 
     config = SmtpConfig(listen=Address("127.0.0.1", port), hostname="bench", max_message_size=50_000_000)
     server = SmtpServer(config, Receiver(config, GroupCommit(Spool(Path(spool_path), min_free=0)), lambda entry_id: None))

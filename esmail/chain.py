@@ -16,9 +16,6 @@ import zipfile
 from dataclasses import dataclass
 from posixpath import dirname, join
 
-from tnefparse import TNEF as TNEFFile
-
-from esmail import html_table, spreadsheet
 from esmail.errors import Unprocessable
 from esmail.keys import extension, safe_path
 from esmail.kinds import HTML, SPREADSHEETS, TEXT, TNEF, ZIP, identify
@@ -84,8 +81,12 @@ def route(name: str, data: bytes, ascii_only: bool = False, depth: int = 1, budg
             csv_name = name if extension(name) in (".csv", ".cns") else name + ".csv"
             return [Output(AMR_DATA, csv_name, normalise(data, ascii_only), rule=rule, kind=kind)]
         if kind in SPREADSHEETS:
+            from esmail import spreadsheet  # the readers are imported by the first file that needs them
+
             return [Output(AMR_DATA, _csv_name(name), normalise(spreadsheet.to_csv(data, kind), ascii_only), rule=rule, kind=kind)]
         if kind == HTML:
+            from esmail import html_table
+
             return [Output(AMR_DATA, _csv_name(name), normalise(html_table.to_csv(data), ascii_only), rule=rule, kind=kind)]
         if kind == ZIP:
             return _unzip(name, data, ascii_only, depth, budget)
@@ -112,7 +113,9 @@ def _untnef(name: str, data: bytes, ascii_only: bool, depth: int, budget: _Budge
     """Outlook's winmail.dat: each file inside routed again, at the message's folder like a zip's entries."""
     if depth > MAX_ZIP_DEPTH:
         raise Unprocessable(f"a TNEF file nested {depth} deep (the limit is {MAX_ZIP_DEPTH})")
-    wrapped = TNEFFile(data, do_checksum=False)
+    from tnefparse import TNEF
+
+    wrapped = TNEF(data, do_checksum=False)
     files = [att for att in wrapped.attachments if att.data]
     if not files:
         raise Unprocessable("a TNEF (winmail.dat) file with no attachments")

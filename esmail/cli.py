@@ -1,29 +1,20 @@
-"""The `esmail` command line (DESIGN §9). Exit codes: 0 done, 1 something failed, 2 usage or config error."""
+"""The `esmail` command line (DESIGN §9). Exit codes: 0 done, 1 something failed, 2 usage or config error.
+
+Each command imports what it uses when it runs: `esmail --help`, `convert`,
+`send` and `spool list` must not pay for the daemon, aiohttp, boto or rollbar.
+"""
 
 from __future__ import annotations
 
 import argparse
-import asyncio
 import logging
-import mimetypes
-import signal
-import smtplib
-import ssl
 import sys
 from datetime import datetime, timezone
-from email.message import EmailMessage
-from email.utils import make_msgid
 from pathlib import Path
 
-from esmail import __version__, chain, config as config_module, logs, mail, report, resolver
+from esmail import __version__, config as config_module, logs, report
 from esmail.config import Config
-from esmail.daemon import Daemon
-from esmail.errors import CannotListen, ConfigError, TemporaryFailure
-from esmail.imap import count_messages, describe, login_for
-from esmail.keys import prefix_of
-from esmail.spool import Spool
-from esmail.store import open_store
-from esmail.worker import Worker
+from esmail.errors import ConfigError
 
 log = logging.getLogger("esmail")
 
@@ -123,7 +114,11 @@ def _parser() -> argparse.ArgumentParser:
 
 
 def _run(coroutine):
-    return lambda config, args: asyncio.run(coroutine(config, args))
+    def run(config: Config, args) -> int:
+        import asyncio
+
+        return asyncio.run(coroutine(config, args))
+    return run
 
 
 async def _serve(config: Config, args) -> int:
@@ -138,6 +133,12 @@ async def _poll(config: Config, args) -> int:
 
 
 async def _daemon(config: Config, listen: bool) -> int:
+    import asyncio
+    import signal
+
+    from esmail.daemon import Daemon
+    from esmail.errors import CannotListen
+
     try:
         daemon = Daemon(config, listen)
     except ConfigError as exc:
@@ -156,6 +157,13 @@ async def _daemon(config: Config, listen: bool) -> int:
 
 
 async def _ingest(config: Config, args) -> int:
+    from esmail import mail
+    from esmail.errors import TemporaryFailure
+    from esmail.keys import prefix_of
+    from esmail.spool import Spool
+    from esmail.store import open_store
+    from esmail.worker import Worker
+
     if args.recipient and not prefix_of(args.recipient):
         print(f"esmail ingest: --recipient {args.recipient!r} has no usable local part (a-z 0-9 . _ + -)", file=sys.stderr)
         return 2
@@ -204,6 +212,8 @@ async def _ingest(config: Config, args) -> int:
 
 
 def _convert(config: Config, args) -> int:
+    from esmail import chain
+
     out_dir = Path(args.out)
     status = 0
     for name in args.files:
@@ -226,6 +236,12 @@ def _convert(config: Config, args) -> int:
 
 
 async def _check_config(config: Config, args) -> int:
+    import asyncio
+
+    from esmail import resolver
+    from esmail.imap import count_messages, describe, login_for
+    from esmail.store import open_store
+
     print(config.describe())
     store = open_store(config)
     status = 0
@@ -274,6 +290,12 @@ def _probe_name(config: Config) -> str:
 
 
 def _send(config: Config, args) -> int:
+    import mimetypes
+    import smtplib
+    import ssl
+    from email.message import EmailMessage
+    from email.utils import make_msgid
+
     try:
         host, port = config_module.parse_address(args.server) if args.server else config.smtp.listen
     except ValueError:
@@ -319,7 +341,9 @@ def _send(config: Config, args) -> int:
     return 0
 
 
-def _existing_spool(config: Config, command: str) -> Spool | None:
+def _existing_spool(config: Config, command: str):
+    from esmail.spool import Spool
+
     if not config.spool.path.is_dir():
         print(f"esmail spool {command}: there is no spool at {config.spool.path} ([spool] path)", file=sys.stderr)
         return None

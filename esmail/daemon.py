@@ -19,7 +19,8 @@ from esmail.config import Config, describe_duration
 from esmail.history import History, Reader, timestamp
 from esmail.imap import Mailbox, login_for
 from esmail.smtp import Receiver, SmtpServer
-from esmail.spool import GroupCommit, Spool
+from esmail.group_commit import GroupCommit
+from esmail.spool import Spool
 from esmail.store import open_store
 from esmail.systemd import Notifier
 from esmail.worker import Scheduler, Worker, process_pool_size

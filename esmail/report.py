@@ -12,21 +12,22 @@ from __future__ import annotations
 import logging
 import sys
 
-import rollbar
-
 from esmail.config import Config
 
 log = logging.getLogger(__name__)
 
 _enabled = False
+rollbar = None  # the module, imported only when there is a token (it brings requests: a fifth of a second)
 
 
 def setup(config: Config) -> None:
-    global _enabled
+    global _enabled, rollbar
     token = config.secrets.get("ROLLBAR_ACCESS_TOKEN")
     if not token:
         log.info("ROLLBAR_ACCESS_TOKEN is not set: problems are logged, not reported to Rollbar")
         return
+    import rollbar
+
     rollbar.init(token, environment=config.stage, endpoint=config.rollbar.endpoint, handler="thread",
                  locals={"enabled": False}, capture_ip=False, include_request_body=False, log_payload_on_error=False,
                  suppress_reinit_warning=True)

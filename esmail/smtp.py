@@ -25,7 +25,7 @@ from esmail import metrics, report
 from esmail.config import SmtpConfig
 from esmail.errors import CannotListen, ConfigError, TemporaryFailure
 from esmail.keys import domain_of, prefix_of
-from esmail.spool import GroupCommit
+from esmail.group_commit import GroupCommit
 
 log = logging.getLogger(__name__)
 

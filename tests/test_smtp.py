@@ -12,7 +12,7 @@ from conftest import RunningDaemon, bucket_contents, eventually, self_signed
 
 from esmail.config import SmtpConfig, SpoolConfig
 from esmail.smtp import MAX_RECIPIENTS, Receiver
-from esmail.spool import GroupCommit
+from esmail.group_commit import GroupCommit
 
 CSV = b"MPAN,00:30\r\n2200013680374,1.5\r\n"
 DOMAIN = "datafeeds.example.org"
