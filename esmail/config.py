@@ -65,6 +65,7 @@ class SmtpConfig:
     session_timeout: float = 1800.0  # a whole connection, however busy
     max_sessions: int = 100
     unknown_feeds: str = "accept"  # "reject": RCPT for a prefix with no [[feed]] gets 550 5.1.1
+    processes: int = 1  # receiver processes on the one port (SO_REUSEPORT); 0: one per core
 
 
 @dataclass(frozen=True)
@@ -382,6 +383,7 @@ _SCHEMA: dict[str, dict[str, tuple[Any, str]]] = {
         "command_timeout": (_seconds, "a number of seconds greater than 0"),
         "session_timeout": (_seconds, "a number of seconds greater than 0"),
         "max_sessions": (_at_least_one, "at least 1 (a whole number of concurrent connections)"),
+        "processes": (_positive_int, "a whole number of receiver processes (0: one per core)"),
         "unknown_feeds": (_one_of("accept", "reject"), '"accept" (any prefix) or "reject" (550 5.1.1 for a prefix with no [[feed]])'),
     },
     "storage": {

@@ -18,6 +18,7 @@ from pathlib import Path
 from esmail import mail
 from esmail.chain import UNPROCESSABLE, Output, route
 from esmail.keys import unique_names
+from esmail.orphans import die_with_parent
 from esmail.spool import read_entry
 
 MAX_FILES = 1_000  # attached files in one message
@@ -119,10 +120,12 @@ def find_links(text: str, patterns: tuple[str, ...]) -> list[str]:
     return sorted(found, key=found.__getitem__)
 
 
-def start_process(memory_limit: int, spill_dir: str | None = None) -> None:
-    """Set up a conversion process: cap its address space (a file that makes a reader allocate
-    without end kills this process, not the host), and say where big outputs go on their way back."""
+def start_process(memory_limit: int, spill_dir: str | None = None, parent: int = 0) -> None:
+    """Set up a conversion process: end with the daemon, cap its address space (a file that makes a reader
+    allocate without end kills this process, not the host), and say where big outputs go on their way back."""
     global _spill_dir
+    if parent:
+        die_with_parent(parent)
     if memory_limit:
         resource.setrlimit(resource.RLIMIT_AS, (memory_limit, memory_limit))
     _spill_dir = Path(spill_dir) if spill_dir else None

@@ -10,14 +10,16 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import os
 import time
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 
-from esmail import feeds, metrics, report
+from esmail import feeds, logs, metrics, report
 from esmail.config import Config, describe_duration
 from esmail.history import History, Reader, timestamp
 from esmail.imap import Mailbox, login_for
+from esmail.receivers import Receivers
 from esmail.smtp import Receiver, SmtpServer
 from esmail.group_commit import GroupCommit
 from esmail.spool import Spool
@@ -43,9 +45,13 @@ class Daemon:
         self.worker = Worker(config, self.spool, self.store, processes=True, history=self.history)
         self.scheduler = Scheduler(self.worker, concurrency=process_pool_size(config))
         self.committer = GroupCommit(self.spool)
-        known = frozenset(feed.prefix for feed in config.feeds) if config.smtp.unknown_feeds == "reject" else None
-        receiver = Receiver(config.smtp, self.committer, self.scheduler.submit, known)
-        self.smtp = SmtpServer(config.smtp, receiver) if listen else None
+        self.smtp: SmtpServer | Receivers | None = None
+        receivers = config.smtp.processes or os.cpu_count() or 1
+        if listen and receivers > 1:  # N processes on the port; this one only supervises them (esmail.receivers)
+            self.smtp = Receivers(config, receivers, self.scheduler.submit, logs.current())
+        elif listen:
+            known = frozenset(feed.prefix for feed in config.feeds) if config.smtp.unknown_feeds == "reject" else None
+            self.smtp = SmtpServer(config.smtp, Receiver(config.smtp, self.committer, self.scheduler.submit, known))
         self.mailboxes = [Mailbox(box, login_for(box, config.secrets), self.spool, self._submit_threadsafe, config.smtp.domains,
                                   config.smtp.max_message_size) for box in config.imap]
         self.monitor = None

@@ -30,7 +30,17 @@ class JsonFormatter(logging.Formatter):
         return json.dumps(entry, ensure_ascii=False, default=str)
 
 
+_settings = ("info", "text")
+
+
+def current() -> tuple[str, str]:
+    """The level and format `setup` was given last (for processes the daemon starts)."""
+    return _settings
+
+
 def setup(level: str, format: str) -> None:
+    global _settings
+    _settings = (level, format)
     handler = logging.StreamHandler(sys.stderr)
     if format == "json":
         handler.setFormatter(JsonFormatter())

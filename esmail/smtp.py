@@ -313,9 +313,11 @@ class _Busy(asyncio.Protocol):
 class SmtpServer:
     """The listening socket and its sessions."""
 
-    def __init__(self, config: SmtpConfig, receiver: Receiver):
+    def __init__(self, config: SmtpConfig, receiver: Receiver, reuse_port: bool = False):
+        """`reuse_port`: one of several receiver processes on the same port (esmail.receivers)."""
         self.config = config
         self.receiver = receiver
+        self.reuse_port = reuse_port
         self.sessions: set[Connection] = set()
         self.tls_context = tls_context(config)
         self.hostname = config.hostname
@@ -327,7 +329,7 @@ class SmtpServer:
             self.hostname = await loop.run_in_executor(None, socket.getfqdn)
         host, port = self.config.listen
         try:
-            self._server = await loop.create_server(self._connection, host, port, reuse_address=True)
+            self._server = await loop.create_server(self._connection, host, port, reuse_address=True, reuse_port=self.reuse_port or None)
         except OSError as exc:
             raise CannotListen("[smtp] listen", self.config.listen, exc) from None
 

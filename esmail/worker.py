@@ -414,4 +414,4 @@ def process_pool(config: Config, workers: int = 0, spill_dir: Path | None = None
     """The pool that runs conversions off the event loop (spawned: no inherited locks or sockets), each process
     memory-capped; big outputs come back through files in `spill_dir` (see conversion.Converted)."""
     return ProcessPoolExecutor(max_workers=workers or process_pool_size(config), mp_context=multiprocessing.get_context("spawn"),
-                               initializer=start_process, initargs=(config.worker.memory_limit, str(spill_dir) if spill_dir else None))
+                               initializer=start_process, initargs=(config.worker.memory_limit, str(spill_dir) if spill_dir else None, os.getpid()))
