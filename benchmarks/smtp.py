@@ -191,11 +191,13 @@ def accept_server(spool: Path) -> Server:
     return Server([sys.executable, str(HERE), "_serve_accept", str(port), str(spool)], port)
 
 
-def daemon(work: Path, more: str = "", tree: Path | None = None) -> Server:
-    """`esmail serve` on a fresh spool; `tree`: the esmail of another checkout (`git worktree add DIR REV`)."""
+def daemon(work: Path, more: str = "", tree: Path | None = None, processes: int = 1) -> Server:
+    """`esmail serve` on a fresh spool; `tree`: the esmail of another checkout (`git worktree add DIR REV`);
+    `processes`: [smtp] processes (receiver processes on the port)."""
     port = free_port()
+    receivers = f"processes = {processes}\n" if processes != 1 else ""
     (work / "esmail.toml").write_text(
-        f'[smtp]\nlisten = "127.0.0.1:{port}"\nhostname = "bench"\n[storage]\npath = "{work / "data"}"\n'
+        f'[smtp]\nlisten = "127.0.0.1:{port}"\nhostname = "bench"\n{receivers}[storage]\npath = "{work / "data"}"\n'
         f'[spool]\npath = "{work / "spool"}"\nmin_free = 0\n{more}')
     env = {**os.environ, "PYTHONPATH": str(tree)} if tree else None
     return Server([sys.executable, "-m", "esmail", "--config", str(work / "esmail.toml"), "--log-level", "warning", "serve"], port, env=env)
@@ -313,10 +315,12 @@ def main() -> None:
         rates = {}
         dns = dns_server()
         serve = "esmail serve (also converts and stores)"
+        serve2 = "esmail serve, [smtp] processes = 2"
         for size, label, target in ((5_000, "5 KB", 0.8), (1_000_000, "1 MB", 3.0)):
             servers = [("bare aiosmtpd, discards", bare_server),
                        ("esmail receiver + fsync'd spool", lambda: accept_server(work / f"spool-{size}")),
-                       (serve, lambda: daemon(_fresh(work / f"daemon-{size}")))]
+                       (serve, lambda: daemon(_fresh(work / f"daemon-{size}"))),
+                       (serve2, lambda: daemon(_fresh(work / f"daemon2-{size}"), processes=2))]
             if size == 5_000:
                 servers.append(("esmail serve, a [[feed]] declared", lambda: feeds_daemon(_fresh(work / "feeds"), dns.server.server_address[1])))
                 if args.against:
