@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import argparse
 import logging
+import os
 import sys
 from datetime import datetime, timezone
 from pathlib import Path
@@ -26,16 +27,31 @@ def main(argv: list[str] | None = None) -> int:
     try:
         config = config_module.load(getattr(args, "config", None))
     except ConfigError as exc:
-        print(f"esmail: config error: {exc}", file=sys.stderr)
-        return 2
+        return _config_error(exc, getattr(args, "log_format", "text"))
+    for warning in config.warnings:
+        log.warning("%s", warning)
+    if getattr(args, "writes", False) and hasattr(os, "geteuid") and os.geteuid() == 0:
+        log.warning("running as root: what it creates (the spool, local buckets) will belong to root, and the service, "
+                    "which runs as its own user, cannot use it; run commands as that user (sudo -u esmail …, or esmail-admin)")
     report.setup(config)
     try:
         return args.run(config, args)
+    except ConfigError as exc:  # found only now: a spool folder that cannot be made or written
+        return _config_error(exc, getattr(args, "log_format", "text"))
     except Exception:  # a bug: reported, then the usual traceback and exit 1 (systemd restarts serve)
         report.exception("esmail crashed")
         raise
     finally:
         report.flush()
+
+
+def _config_error(exc: ConfigError, log_format: str) -> int:
+    """Exit 2 with the message: one line of text, or one JSON object with --log-format json."""
+    if log_format == "json":
+        log.error("config error: %s", exc)
+    else:
+        print(f"esmail: config error: {exc}", file=sys.stderr)
+    return 2
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -55,17 +71,17 @@ def _parser() -> argparse.ArgumentParser:
     serve = commands.add_parser("serve", parents=[common], help="run the SMTP server and the worker (the daemon)",
                                 description="Receive mail on [smtp] listen, spool each message (fsync'd) before answering 250, "
                                             "and convert and store it. SIGTERM or SIGINT stops it cleanly; SIGHUP reloads the TLS certificate.")
-    serve.set_defaults(run=_run(_serve), default_log_level="info")
+    serve.set_defaults(run=_run(_serve), default_log_level="info", writes=True)
 
     poll = commands.add_parser("poll", parents=[common], help="fetch from the [[imap]] mailboxes and run the worker, without an SMTP server",
                                description="Watch each [[imap]] mailbox (IDLE, and a poll every poll_interval), spool each message "
                                            "(fsync'd) before moving it to processed_folder, and convert and store it. "
                                            "`esmail serve` does this too, beside its SMTP server.")
-    poll.set_defaults(run=_run(_poll), default_log_level="info")
+    poll.set_defaults(run=_run(_poll), default_log_level="info", writes=True)
 
     send = commands.add_parser("send", parents=[common], help="mail files as attachments to an esmail server",
                                description="Mail files as attachments of one message, to test a deployment end to end.")
-    send.add_argument("files", nargs="+", metavar="FILE")
+    send.add_argument("files", nargs="+", metavar="FILE", help="files to attach (csv, xlsx, zip, …), one message for all")
     send.add_argument("--to", required=True, metavar="ADDR", help="recipient, e.g. sheffield@datafeeds.example.org")
     send.add_argument("--from", dest="sender", default="esmail-send@localhost", metavar="ADDR", help="sender (default: %(default)s)")
     send.add_argument("--server", metavar="HOST:PORT", help="SMTP server (default: [smtp] listen of the config)")
@@ -84,20 +100,21 @@ def _parser() -> argparse.ArgumentParser:
                                             description="Move failed entries back to the queue; a running esmail serve or poll takes "
                                                         "them within a minute.")
     spool_retry.add_argument("ids", nargs="*", metavar="ID", help="entry ids from `esmail spool list` (default: every failed entry)")
-    spool_retry.set_defaults(run=_spool_retry)
+    spool_retry.set_defaults(run=_spool_retry, writes=True)
     spool_release = spool_commands.add_parser("release", parents=[common], help="let quarantined entries through, as if they had passed",
                                               description="Move quarantined entries back to the queue, to be processed as if their "
                                                           "feed's policy had passed them (the log says which reason was overridden); "
                                                           "a running esmail serve or poll takes them within a minute.")
     spool_release.add_argument("ids", nargs="+", metavar="ID", help="entry ids from `esmail spool list` (state quarantined)")
-    spool_release.set_defaults(run=_spool_release)
+    spool_release.set_defaults(run=_spool_release, writes=True)
 
     ingest = commands.add_parser("ingest", parents=[common], help="process .eml files through the spool, worker and store",
                                  description="Process raw messages (.eml) as if they had just been received: every object goes to the "
                                              "configured store, and one line per object is printed (bucket, key, bytes).")
-    ingest.add_argument("files", nargs="+", metavar="FILE.eml")
+    ingest.add_argument("files", nargs="+", metavar="FILE.eml", help="raw messages; - reads one from standard input "
+                        "(aws s3 cp s3://…/X.eml - | esmail ingest -)")
     ingest.add_argument("--recipient", metavar="ADDR", help="envelope recipient, e.g. sheffield@datafeeds.example.org (default: from the headers)")
-    ingest.set_defaults(run=_run(_ingest))
+    ingest.set_defaults(run=_run(_ingest), writes=True)
 
     convert = commands.add_parser("convert", parents=[common], help="run the conversion chain alone on local files",
                                   description="Convert files (csv, xlsx, xls, xlsb, ods, zip, winmail.dat, and disguised ones, "
@@ -109,7 +126,7 @@ def _parser() -> argparse.ArgumentParser:
     check = commands.add_parser("check-config", parents=[common], help="print the effective configuration and check every bucket and mailbox",
                                 description="Print the effective configuration (secrets masked), check that each bucket is reachable and "
                                             "writable, and log in to each [[imap]] mailbox and count its messages.")
-    check.set_defaults(run=_run(_check_config))
+    check.set_defaults(run=_run(_check_config), writes=True)
     return parser
 
 
@@ -159,7 +176,8 @@ async def _daemon(config: Config, listen: bool) -> int:
 async def _ingest(config: Config, args) -> int:
     from esmail import mail
     from esmail.errors import TemporaryFailure
-    from esmail.keys import prefix_of
+    from esmail.history import History
+    from esmail.keys import domain_of, prefix_of
     from esmail.spool import Spool
     from esmail.store import open_store
     from esmail.worker import Worker
@@ -171,28 +189,27 @@ async def _ingest(config: Config, args) -> int:
     status = 0
     queued = []
     for name in args.files:
-        try:
-            size = Path(name).stat().st_size
-            if size > config.smtp.max_message_size:
-                print(f"esmail ingest: {name}: {size:,} bytes is over [smtp] max_message_size ({config.smtp.max_message_size:,})", file=sys.stderr)
-                status = 1
-                continue
-            raw = Path(name).read_bytes()
-        except OSError as exc:
-            print(f"esmail ingest: {name}: {exc.strerror or exc}", file=sys.stderr)
+        raw = _read_message(name, config.smtp.max_message_size)
+        if raw is None:
             status = 1
             continue
         if args.recipient:
             prefix = prefix_of(args.recipient)
         else:
-            prefix = mail.header_prefix(mail.parse_headers(raw), config.smtp.domains)
+            address = mail.header_recipient(mail.parse_headers(raw), config.smtp.domains)
+            prefix = prefix_of(address) if address else None
+            if address and config.smtp.domains and domain_of(address) not in config.smtp.domains:
+                log.warning("%s: no recipient in [smtp] domains (%s); the prefix %r comes from %s (X-Forwarded-To, else the "
+                            "first To); give --recipient to choose", name, ", ".join(config.smtp.domains), prefix, address)
         if prefix is None:
-            print(f"esmail ingest: {name}: no usable recipient in its headers; stored whole in the unprocessable bucket", file=sys.stderr)
+            print(f"esmail ingest: {name}: no usable recipient in its headers; stored whole in the unprocessable bucket "
+                  f"(--recipient ADDR gives it one)", file=sys.stderr)
             status = 1
         envelope = spool.accept(raw, [prefix] if prefix else [], recipients=(args.recipient,) if args.recipient else (), origin="ingest")
         queued.append((name, envelope.id))
     store = open_store(config)
-    worker = Worker(config, spool, store, processes=True)
+    history = History(spool.path)
+    worker = Worker(config, spool, store, processes=True, history=history)
     try:
         for name, entry_id in queued:
             try:
@@ -207,8 +224,31 @@ async def _ingest(config: Config, args) -> int:
                 print(f"quarantined: {prefix}: {reason}", flush=True)
     finally:
         worker.close()
+        history.close()
         await store.close()
     return status
+
+
+def _read_message(name: str, limit: int) -> bytes | None:
+    """A message from a file, or from standard input for `-`; None (said on stderr) when it cannot be read or is too big."""
+    import getpass
+
+    try:
+        if name == "-":
+            raw = sys.stdin.buffer.read(limit + 1)
+            size = len(raw)
+        else:
+            size = Path(name).stat().st_size
+            raw = Path(name).read_bytes() if size <= limit else b""
+    except OSError as exc:
+        hint = f" (esmail runs as {getpass.getuser()}: put the file where that user can read it, or pipe it in: esmail ingest - < FILE)" \
+            if isinstance(exc, PermissionError) else ""
+        print(f"esmail ingest: {name}: {exc.strerror or exc}{hint}", file=sys.stderr)
+        return None
+    if size > limit:
+        print(f"esmail ingest: {name}: {'over ' if name == '-' else ''}{size:,} bytes is over [smtp] max_message_size ({limit:,})", file=sys.stderr)
+        return None
+    return raw
 
 
 def _convert(config: Config, args) -> int:
@@ -243,8 +283,13 @@ async def _check_config(config: Config, args) -> int:
     from esmail.store import open_store
 
     print(config.describe())
-    store = open_store(config)
     status = 0
+    for check in (_check_spool, _check_tls):
+        line = check(config)
+        if line is not None:
+            print(line)
+            status = status or int(line.startswith("FAILED"))
+    store = open_store(config)
     try:
         for logical in ("inbox", "amr_data", "unprocessable"):
             bucket = config.buckets.named(logical)
@@ -279,6 +324,34 @@ async def _check_config(config: Config, args) -> int:
     return status
 
 
+def _check_spool(config: Config) -> str:
+    """What `serve` needs of the spool: its folders made and writable, and room above [spool] min_free."""
+    from esmail.errors import TemporaryFailure
+    from esmail.spool import Spool
+
+    try:
+        spool = Spool(config.spool.path, config.spool.min_free)
+        spool.check_writable()
+    except (ConfigError, TemporaryFailure) as exc:
+        return f"FAILED  spool: {exc}"
+    return f"ok      spool: {config.spool.path} is writable, {len(spool.pending())} queued, {len(spool.failed_ids())} failed"
+
+
+def _check_tls(config: Config) -> str | None:
+    """The STARTTLS certificate and key load as `serve` loads them."""
+    if config.smtp.tls_cert is None:
+        return None
+    from esmail.smtp import certificate_expiry, tls_context
+
+    try:
+        tls_context(config.smtp)
+    except ConfigError as exc:
+        return f"FAILED  tls: {exc}"
+    expires = certificate_expiry(config.smtp.tls_cert)
+    until = f", valid until {datetime.fromtimestamp(expires, timezone.utc):%Y-%m-%d %H:%M} UTC" if expires else ""
+    return f"ok      tls: {config.smtp.tls_cert} and its key load{until}"
+
+
 def _probe_name(config: Config) -> str:
     """A name worth asking the resolver about: a feed sender's domain, else a feed domain of ours."""
     for feed in config.feeds:
@@ -300,6 +373,10 @@ def _send(config: Config, args) -> int:
         host, port = config_module.parse_address(args.server) if args.server else config.smtp.listen
     except ValueError:
         print(f"esmail send: --server {args.server!r} must be HOST:PORT, e.g. mx.example.org:25", file=sys.stderr)
+        return 2
+    if "@" not in args.to.strip("<>")[1:]:
+        print(f"esmail send: --to {args.to!r} needs a domain: the prefix is the local part of a whole address, "
+              f"e.g. {args.to.strip('<>@') or 'sheffield'}@datafeeds.example.org", file=sys.stderr)
         return 2
     msg = EmailMessage()
     msg["From"], msg["To"] = args.sender, args.to
@@ -334,6 +411,10 @@ def _send(config: Config, args) -> int:
                 if code >= 400:
                     print(f"esmail send: {step} refused: {code} {reply.decode(errors='replace')}", file=sys.stderr)
                     return 1
+    except ssl.SSLCertVerificationError as exc:
+        print(f"esmail send: cannot send to {host}:{port}: its TLS certificate is not trusted ({exc.verify_message}); "
+              "for a test server with a self-signed certificate use --insecure, or name its CA in SSL_CERT_FILE", file=sys.stderr)
+        return 1
     except (OSError, smtplib.SMTPException) as exc:
         print(f"esmail send: cannot send to {host}:{port}: {exc}", file=sys.stderr)
         return 1

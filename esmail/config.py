@@ -223,6 +223,7 @@ class Config:
     feeds: tuple[FeedConfig, ...] = ()
     secrets: Mapping[str, str] = field(default_factory=dict, repr=False)
     source: Path | None = None
+    warnings: tuple[str, ...] = ()  # things worth saying at start that do not stop esmail
 
     def describe(self) -> str:
         """The effective configuration as TOML-like text, secrets masked."""
@@ -312,7 +313,10 @@ def _patterns(v: Any) -> tuple[str, ...]:
     if not isinstance(v, list) or not all(isinstance(p, str) for p in v):
         raise TypeError
     for pattern in v:
-        re.compile(pattern)  # re.error is a ValueError
+        try:
+            re.compile(pattern)
+        except re.error as exc:  # not a ValueError
+            raise ValueError(f"{pattern!r} is not a regular expression ({exc})") from None
         pattern_origin(pattern)
     return tuple(v)
 
@@ -365,10 +369,16 @@ def _senders(v: Any) -> tuple[str, ...]:
     return tuple(g.lower() for g in v)
 
 
+_DOMAIN = re.compile(r"(?:[a-z0-9](?:[a-z0-9-]*[a-z0-9])?\.)*[a-z0-9](?:[a-z0-9-]*[a-z0-9])?")
+
+
 def _domains(v: Any) -> tuple[str, ...]:
     if not isinstance(v, list) or not all(isinstance(d, str) and d for d in v):
         raise TypeError
-    return tuple(d.lower().strip(".") for d in v)
+    domains = tuple(d.lower().strip(".") for d in v)
+    if not all(_DOMAIN.fullmatch(d) for d in domains):  # "@x", "x.org:25", "*.x.org": not domain names
+        raise ValueError
+    return domains
 
 
 _SCHEMA: dict[str, dict[str, tuple[Any, str]]] = {
@@ -495,7 +505,15 @@ def _build(data: dict[str, Any], where: str) -> Config:
         sections[section] = _SECTIONS[section](**_converted(table, schema, f"[{section}]", where))
     buckets = sections["buckets"]
     sections["buckets"] = Buckets(**{f.name: getattr(buckets, f.name).replace("{stage}", stage) for f in fields(Buckets)})
-    return Config(stage=stage, imap=_mailboxes(data.get("imap", []), where), feeds=_feeds(data.get("feed", []), where), **sections)
+    return Config(stage=stage, imap=_mailboxes(data.get("imap", []), where), feeds=_feeds(data.get("feed", []), where),
+                  warnings=_ignored(data, sections["storage"].backend, where), **sections)
+
+
+def _ignored(data: dict[str, Any], backend: str, where: str) -> tuple[str, ...]:
+    """Keys the chosen storage backend does not use: said at start, not an error (switching backends is normal)."""
+    storage = data.get("storage", {})
+    unused = ["path"] if backend == "s3" else ["endpoint_url", "region"]
+    return tuple(f"{where}: [storage] {key} is ignored with backend = \"{backend}\"" for key in unused if key in storage)
 
 
 def _converted(table: dict[str, Any], schema: dict[str, tuple[Any, str]], name: str, where: str) -> dict[str, Any]:
@@ -507,9 +525,19 @@ def _converted(table: dict[str, Any], schema: dict[str, tuple[Any, str]], name: 
         convert, expected = schema[key]
         try:
             values[key] = convert(raw)
-        except (TypeError, ValueError):
-            raise ConfigError(f"{where}: {name} {key} must be {expected}; got {raw!r}") from None
+        except (TypeError, ValueError) as exc:
+            detail = f" ({exc.args[0]})" if isinstance(exc, ValueError) and exc.args and "regular expression" in str(exc.args[0]) else ""
+            hint = " (a number: write it without quotes)" if isinstance(raw, str) and _is_number(raw) else ""
+            raise ConfigError(f"{where}: {name} {key} must be {expected}; got {raw!r}{hint}{detail}") from None
     return values
+
+
+def _is_number(text: str) -> bool:
+    try:
+        float(text)
+    except ValueError:
+        return False
+    return True
 
 
 def _tables(tables: Any, key: str, each: str, where: str) -> list[dict[str, Any]]:
@@ -590,6 +618,13 @@ def _checked(config: Config, where: str) -> Config:
     if http.password_env and not config.secrets.get(http.password_env):
         raise ConfigError(f"{where}: [http] password_env = {http.password_env!r}: that environment variable is not set or empty; "
                           f"put the page's password in it (or in .env.{config.stage})")
+    if http.listen and http.listen.port == smtp.listen.port and (http.listen.host == smtp.listen.host or "0.0.0.0" in (http.listen.host, smtp.listen.host)):
+        raise ConfigError(f"{where}: [http] listen and [smtp] listen are both {http.listen}: give the page another port, e.g. \"127.0.0.1:9025\"")
+    token = config.secrets.get("ROLLBAR_ACCESS_TOKEN")
+    if token and not re.fullmatch(r"[0-9a-f]{32}", token):
+        raise ConfigError(f"{where}: ROLLBAR_ACCESS_TOKEN (environment or .env.{config.stage}) is not a Rollbar access token "
+                          "(32 hexadecimal characters, from Project → Settings → Project Access Tokens, post_server_item); "
+                          "leave it unset to report to nobody")
     if http.listen and not http.password_env and not is_loopback(http.listen.host):
         raise ConfigError(f"{where}: [http] listen = \"{http.listen}\" is reachable from other hosts, and the page lets people "
                           "read messages and release them: set [http] password_env (HTTP Basic), or listen on 127.0.0.1 "

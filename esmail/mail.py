@@ -70,14 +70,21 @@ def header_text(msg: EmailMessage, name: str, limit: int = 500) -> str:
 
 def header_prefix(msg: EmailMessage, domains: tuple[str, ...]) -> str | None:
     """The prefix of a message that arrived without an envelope (IMAP, `esmail ingest`), or None."""
+    address = header_recipient(msg, domains)
+    return prefix_of(address) if address else None
+
+
+def header_recipient(msg: EmailMessage, domains: tuple[str, ...]) -> str | None:
+    """The address the prefix comes from (DESIGN §2): the first in X-Forwarded-To, X-Original-To, Delivered-To,
+    To, Cc whose domain is configured; when none is, X-Forwarded-To, else the first To (the old pipeline's rule)."""
     found = {name: _addresses(msg, name) for name in PREFIX_HEADERS}
     if domains:
         for name in PREFIX_HEADERS:
             for address in found[name]:
                 if domain_of(address) in domains:
-                    return prefix_of(address)
+                    return address
     fallback = found["X-Forwarded-To"] or found["To"]
-    return prefix_of(fallback[0]) if fallback else None
+    return fallback[0] if fallback else None
 
 
 def _addresses(msg: EmailMessage, name: str) -> list[str]:

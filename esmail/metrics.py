@@ -31,3 +31,6 @@ SPOOL_FAILED = Gauge("esmail_spool_failed", "Entries in the spool's failed/ fold
 FEED_LAST_MESSAGE = Gauge("esmail_feed_last_message_timestamp_seconds", "When the last message for a declared feed was received (Unix time)",
                           ["prefix"], registry=REGISTRY)
 FEED_LATE = Gauge("esmail_feed_late", "1 when a feed with expected_every has had nothing for 1.5 × that, else 0", ["prefix"], registry=REGISTRY)
+TLS_FAILURES = Counter("esmail_tls_handshake_failures", "STARTTLS handshakes that failed (a client's unknown CA, garbage)", registry=REGISTRY)
+TLS_CERT_EXPIRY = Gauge("esmail_tls_certificate_expiry_timestamp_seconds", "When the TLS certificate in use expires (Unix time)",
+                        registry=REGISTRY)

@@ -19,7 +19,7 @@ import socket
 import ssl
 from typing import Callable
 
-from aiosmtpd.smtp import SMTP, Envelope as SmtpEnvelope, Session as SmtpSession
+from aiosmtpd.smtp import SMTP, Envelope as SmtpEnvelope, Session as SmtpSession, TLSSetupException
 
 from esmail import metrics, report
 from esmail.config import SmtpConfig
@@ -40,11 +40,14 @@ _PLAIN_PATH = re.compile(rf"<({_ATOMS}@[A-Za-z0-9-]+(?:\.[A-Za-z0-9-]+)*)>[ \t]*
 INTERNAL_ERROR = "451 4.3.0 Internal error; please try again later"
 HANG_UP_GRACE = 5.0  # seconds a closing connection may take to drain its last replies
 YIELD_EVERY = 32  # replies a session may send before it lets the others run
+# Refusals logged (INFO, one line each) so that "my mail bounced" can be answered from the journal; 452 4.5.3
+# (past 100 recipients: sent again later) and syntax errors are left out, a client can make thousands
+_LOGGED = frozenset({"421", "450", "451", "452", "530", "550", "552", "553", "554"})
 SHUTTING_DOWN = "421 4.3.2 Service shutting down; please try again later"
 
 
-def too_big(limit: int) -> str:
-    return f"552 5.3.4 Message too big: the limit is {limit} bytes"
+def too_big(limit: int, size: int) -> str:
+    return f"552 5.3.4 Message too big: {size:,} bytes, over the limit of {limit:,} bytes"
 
 
 def counted(command: str, reply: str) -> str:
@@ -88,7 +91,7 @@ class Receiver:
     async def handle_MAIL(self, server: SMTP, session: SmtpSession, envelope: SmtpEnvelope, address: str, options: list[str]) -> str:
         declared = _SIZE_PARAM.search(" ".join(options))
         if declared and int(declared.group(1)) > self.config.max_message_size:
-            return too_big(self.config.max_message_size)
+            return too_big(self.config.max_message_size, int(declared.group(1)))
         try:
             self.committer.spool.ensure_space()
         except TemporaryFailure as exc:
@@ -191,10 +194,28 @@ class Connection(SMTP):
         megabyte) would hold the event loop for seconds: every other
         session would wait, and time out.
         """
+        if status[:3] in _LOGGED and not status.startswith("452 4.5.3"):
+            envelope = self.envelope
+            log.info("%s: refused: %s (MAIL FROM <%s>)", self._client(), status, envelope.mail_from if envelope and envelope.mail_from else "",
+                     extra={"client": self._client(), "sender": envelope.mail_from if envelope else None, "outcome": status[:3]})
         await super().push(status)
         self._replies += 1
         if self._replies % YIELD_EVERY == 0:
             await asyncio.sleep(0)
+
+    def _client(self) -> str:
+        peer = self.session.peer if self.session else None
+        return peer[0] if isinstance(peer, tuple) else str(peer or "")
+
+    async def handle_exception(self, error: Exception) -> str:
+        """A failed STARTTLS handshake (an unknown CA, a scanner sending garbage) is daily life on an MX:
+        one INFO line and a counter, never a traceback or a Rollbar report. aiosmtpd closes the connection."""
+        if isinstance(error, TLSSetupException):
+            cause = error.__cause__
+            log.info("%s: TLS handshake failed: %s", self._client(), cause or "no reason given", extra={"client": self._client()})
+            metrics.TLS_FAILURES.inc()
+            return "421 4.7.0 TLS handshake failed; closing"
+        return await super().handle_exception(error)
 
     def data_received(self, data: bytes) -> None:
         """In DATA every packet counts as activity: command_timeout is for silence, not for a slow but busy sender."""
@@ -248,7 +269,7 @@ class Connection(SMTP):
         await self.push("354 End data with <CR><LF>.<CR><LF>")
         self._in_data = True
         try:
-            content = await read_data(self._reader, self.max_message_size)
+            content, size = await read_data(self._reader, self.max_message_size)
         except asyncio.IncompleteReadError:  # the client went away mid-message: nothing was accepted
             self._set_post_data_state()
             if self.transport is not None:
@@ -258,7 +279,7 @@ class Connection(SMTP):
             self._in_data = False
         if content is None:
             self._set_post_data_state()
-            await self.push(counted("DATA", too_big(self.max_message_size)))
+            await self.push(counted("DATA", too_big(self.max_message_size, size)))
             return
         self.envelope.content = self.envelope.original_content = content
         try:
@@ -271,13 +292,13 @@ class Connection(SMTP):
 _COMMANDS = [name for name in dir(Connection) if name.startswith(("smtp_", "auth_"))]
 
 
-async def read_data(reader: asyncio.StreamReader, limit: int) -> bytes | None:
+async def read_data(reader: asyncio.StreamReader, limit: int) -> tuple[bytes | None, int]:
     """The message after DATA, up to `<CRLF>.<CRLF>`, dot-unstuffed (RFC 5321 §4.5.2).
 
     Read in large pieces rather than line by line. As in aiosmtpd, only
     CRLF.CRLF ends the message (a bare LF or CR before the dot does not: SMTP
     smuggling). Past `limit` bytes the rest is read and dropped, never held,
-    and None is returned.
+    and None is returned; with the message's size either way.
     """
     chunks: list[bytes] = []
     size = 0  # the message's size as stored: dot-unstuffed, without the final ".\r\n"
@@ -299,13 +320,15 @@ async def read_data(reader: asyncio.StreamReader, limit: int) -> bytes | None:
         tail = chunk[-2:] if len(chunk) >= 2 else (tail + chunk)[-2:]
         if finished:
             break
-    return b"".join(chunks) if size <= limit else None
+    return (b"".join(chunks) if size <= limit else None), size
 
 
 class _Busy(asyncio.Protocol):
     """What a client gets when max_sessions are already open."""
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        peer = transport.get_extra_info("peername")
+        log.info("%s: refused: 421 4.7.0 Too many connections (max_sessions)", peer[0] if isinstance(peer, tuple) else peer)
         transport.write(counted("CONNECT", "421 4.7.0 Too many connections; please try again later").encode() + b"\r\n")
         transport.close()
 
@@ -320,6 +343,7 @@ class SmtpServer:
         self.reuse_port = reuse_port
         self.sessions: set[Connection] = set()
         self.tls_context = tls_context(config)
+        self.tls_problem: str | None = None  # a certificate reload that failed (/healthz): the old one is still served
         self.hostname = config.hostname
         self._server: asyncio.Server | None = None
 
@@ -360,7 +384,9 @@ class SmtpServer:
             self.tls_context = tls_context(self.config)
         except ConfigError as exc:
             log.error("SIGHUP: %s; the certificate loaded before stays in use", exc)
+            self.tls_problem = f"the TLS certificate could not be reloaded ({exc}); the one loaded before is still in use"
             return
+        self.tls_problem = None
         log.info("SIGHUP: reloaded the TLS certificate %s", self.config.tls_cert)
 
     async def stop(self, grace: float = SHUTDOWN_GRACE) -> None:
@@ -390,4 +416,17 @@ def tls_context(config: SmtpConfig) -> ssl.SSLContext | None:
     except (OSError, ssl.SSLError) as exc:
         raise ConfigError(f"[smtp] tls_cert = {str(config.tls_cert)!r}, tls_key = {str(config.tls_key)!r}: "
                           f"cannot load the certificate and key ({exc}); give PEM files esmail can read") from None
+    expires = certificate_expiry(config.tls_cert)
+    if expires is not None:
+        metrics.TLS_CERT_EXPIRY.set(expires)
     return context
+
+
+def certificate_expiry(path) -> float | None:
+    """When the first certificate of a PEM file expires (Unix time), for /metrics; None if it cannot be read."""
+    from cryptography import x509
+
+    try:
+        return x509.load_pem_x509_certificate(open(path, "rb").read()).not_valid_after_utc.timestamp()
+    except (OSError, ValueError):
+        return None

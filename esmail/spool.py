@@ -26,7 +26,7 @@ from datetime import datetime, timezone
 from pathlib import Path
 
 from esmail.durable import fsync_dir, sync_files, write_synced, write_unsynced
-from esmail.errors import TemporaryFailure
+from esmail.errors import ConfigError, TemporaryFailure
 from esmail.keys import folder_name
 
 SUFFIX = ".msg"
@@ -89,7 +89,14 @@ class Spool:
         self.tmp, self.queue, self.failed, self.quarantine_dir, self.state, self.taken = (
             self.path / d for d in ("tmp", "queue", "failed", "quarantine", "state", "taken"))
         for folder in (self.tmp, self.queue, self.failed, self.quarantine_dir, self.state, self.taken):
-            folder.mkdir(parents=True, exist_ok=True)
+            try:
+                folder.mkdir(parents=True, exist_ok=True)
+                if not os.access(folder, os.W_OK | os.X_OK):
+                    raise PermissionError(13, "Permission denied", str(folder))
+            except OSError as exc:
+                raise ConfigError(f"[spool] path = '{self.path}': cannot create or write {exc.filename or folder}: "
+                                  f"{exc.strerror or exc} (esmail runs as {_user()}); run esmail as the user the service runs as "
+                                  f"(sudo -u esmail …), or give that user the folder (chown -R esmail: {self.path})") from None
         self._lock = threading.Lock()
         self._folders_used: dict[tuple[str, str], int] = {}
         for entry_id in self.pending():
@@ -376,6 +383,15 @@ class Spool:
         tmp = self.tmp / f"{entry_id}.json"
         tmp.write_text(json.dumps(asdict(state)))
         os.replace(tmp, self.state / f"{entry_id}.json")
+
+
+def _user() -> str:
+    import pwd
+
+    try:
+        return pwd.getpwuid(os.geteuid()).pw_name
+    except KeyError:
+        return f"uid {os.geteuid()}"
 
 
 def _encoded(envelope: Envelope) -> bytes:

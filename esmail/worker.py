@@ -307,11 +307,13 @@ class Worker:
             self.store_error = str(exc)
             raise
         self.store_error = None
-        metrics.OBJECTS.labels(logical).inc()
-        metrics.STORED_BYTES.labels(logical).inc(len(data))
-        log.info("%s: stored %s/%s, %d bytes%s", entry_id, bucket, written, len(data), f" ({rule})" if rule else "",
-                 extra={"spool_id": entry_id, "bucket": bucket, "key": written, "bytes": len(data), "rule": rule})
-        return Stored(bucket, written, len(data))
+        if written.new:
+            metrics.OBJECTS.labels(logical).inc()
+            metrics.STORED_BYTES.labels(logical).inc(len(data))
+        log.info("%s: %s %s/%s, %d bytes%s", entry_id, "stored" if written.new else "already stored", bucket, written, len(data),
+                 f" ({rule})" if rule else "",
+                 extra={"spool_id": entry_id, "bucket": bucket, "key": str(written), "bytes": len(data), "rule": rule})
+        return Stored(bucket, str(written), len(data))
 
     async def process_with_retries(self, entry_id: str, attempts: int, first_delay: float = 1.0) -> list[Stored]:
         """`process`, retried with exponential backoff on temporary failures; the last failure is raised."""

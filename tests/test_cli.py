@@ -94,11 +94,12 @@ def test_missing_config_file_exits_2(tmp_path):
 
 
 def test_check_config_masks_secrets_and_checks_buckets(tmp_path):
-    (tmp_path / ".env.development").write_text("ROLLBAR_ACCESS_TOKEN=supersecret\n")
+    (tmp_path / ".env.development").write_text("ROLLBAR_ACCESS_TOKEN=d00dfeedd00dfeedd00dfeedd00dfeed\n")
     result = esmail("check-config", cwd=tmp_path)
     assert result.returncode == 0, result.stderr
-    assert "supersecret" not in result.stdout and "ROLLBAR_ACCESS_TOKEN: set (****)" in result.stdout
-    assert result.stdout.count("is writable") == 3
+    assert "d00dfeedd00dfeedd00dfeedd00dfeed" not in result.stdout and "ROLLBAR_ACCESS_TOKEN: set (****)" in result.stdout
+    assert result.stdout.count("is writable") == 4  # the spool and the three buckets
+    assert "ok      spool: esmail-spool is writable, 0 queued, 0 failed" in result.stdout
 
 
 def test_check_config_reports_an_unreachable_bucket(tmp_path, moto_url):

@@ -76,7 +76,8 @@ def test_sighup_reloads_the_tls_certificate(tmp_path):
     """A renewed certificate (same paths, as certbot leaves them) is served to new sessions after SIGHUP."""
     cert, key = self_signed(tmp_path)
     config = Config(storage=StorageConfig(path=tmp_path / "data"), spool=SpoolConfig(path=tmp_path / "spool"))
-    server = Server(config, tmp_path, smtp=f'tls_cert = "{cert}"\ntls_key = "{key}"')
+    http = free_port()
+    server = Server(config, tmp_path, smtp=f'tls_cert = "{cert}"\ntls_key = "{key}"', tables=f'[http]\nlisten = "127.0.0.1:{http}"')
     server.start()
 
     def served_certificate() -> bytes:
@@ -93,10 +94,14 @@ def test_sighup_reloads_the_tls_certificate(tmp_path):
         while served_certificate() == first and time.monotonic() < deadline:
             time.sleep(0.05)
         assert served_certificate() == ssl.PEM_cert_to_DER_cert(cert.read_text())
-        key.write_text("not a key")  # a broken renewal: the old certificate stays, the server stays up
+        expiry = scrape(f"http://127.0.0.1:{http}")[("esmail_tls_certificate_expiry_timestamp_seconds", ())]
+        assert 0 < expiry - time.time() <= 86400  # the test certificate is valid for a day
+        key.write_text("not a key")  # a broken renewal: the old certificate stays, the server stays up, /healthz says so
         server.process.send_signal(signal.SIGHUP)
         time.sleep(0.2)
         assert served_certificate() == ssl.PEM_cert_to_DER_cert(cert.read_text()) and server.process.poll() is None
+        status, body = get(f"http://127.0.0.1:{http}/healthz")
+        assert status == 503 and "the TLS certificate could not be reloaded" in body
     finally:
         assert server.terminate() == 0
     assert "SIGHUP: reloaded the TLS certificate" in server.log.read_text()
@@ -234,7 +239,7 @@ def test_problems_are_reported_to_rollbar_without_bodies(tmp_path):
                     f'[smtp]\nlisten = "127.0.0.1:{port}"\n[worker]\nprocesses = 1\n[rollbar]\nendpoint = "{recorder.url}/api/1/"\n'
                     f"[links]\npatterns = ['http://127\\.0\\.0\\.1:{recorder.server_address[1]}/[a-z]+']\n")
     serve = subprocess.Popen([sys.executable, "-m", "esmail", "--config", str(toml), "--log-format", "json", "serve"],
-                             stderr=subprocess.PIPE, text=True, env={**os.environ, "ROLLBAR_ACCESS_TOKEN": "test-token"})
+                             stderr=subprocess.PIPE, text=True, env={**os.environ, "ROLLBAR_ACCESS_TOKEN": "7e57700007e57700007e57700007e577"})
     try:
         deadline = time.monotonic() + 30
         while True:
@@ -257,7 +262,7 @@ def test_problems_are_reported_to_rollbar_without_bodies(tmp_path):
         serve.terminate()
         _, stderr = serve.communicate(timeout=60)
     items = recorder.items
-    assert {item["path"] for item in items} == {"/api/1/item/"} and {item["token"] for item in items} == {"test-token"}
+    assert {item["path"] for item in items} == {"/api/1/item/"} and {item["token"] for item in items} == {"7e57700007e57700007e57700007e577"}
     data = {item["json"]["data"]["body"]["message"]["body"]: item["json"]["data"] for item in items}
     unprocessable = data["a file went to unprocessable"]
     assert unprocessable["environment"] == "staging" and unprocessable["level"] == "warning"
@@ -283,7 +288,7 @@ def test_a_message_out_of_retries_is_reported(tmp_path):
     config = Config(storage=StorageConfig(backend="s3", endpoint_url=f"http://127.0.0.1:{free_port()}", region="eu-west-2"),
                     spool=SpoolConfig(path=tmp_path / "spool"))
     server = Server(config, tmp_path, tables=f'max_attempts = 1\n[rollbar]\nendpoint = "{recorder.url}/api/1/"\n')
-    server.start(ROLLBAR_ACCESS_TOKEN="test-token")
+    server.start(ROLLBAR_ACCESS_TOKEN="7e57700007e57700007e57700007e577")
     try:
         with smtplib.SMTP("127.0.0.1", server.port, timeout=30) as client:
             client.sendmail("a@b.org", ["sheffield@x.org"], feed())

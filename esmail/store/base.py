@@ -16,15 +16,26 @@ from esmail.keys import with_suffix
 MAX_SUFFIX = 1000
 
 
+class Placed(str):
+    """The key that holds an object; `new` is False when the same bytes were there already (a replay, a retry)."""
+
+    new: bool
+
+    def __new__(cls, key: str, new: bool) -> "Placed":
+        placed = super().__new__(cls, key)
+        placed.new = new
+        return placed
+
+
 class Store(ABC):
-    async def put(self, bucket: str, key: str, data: bytes, content_type: str) -> str:
+    async def put(self, bucket: str, key: str, data: bytes, content_type: str) -> Placed:
         """Store `data` at `key` or its first free variant; return the key that holds it."""
         for n in range(1, MAX_SUFFIX + 1):
             candidate = with_suffix(key, n)
             if await self._create(bucket, candidate, data, content_type):
-                return candidate
+                return Placed(candidate, True)
             if await self.get(bucket, candidate) == data:
-                return candidate
+                return Placed(candidate, False)
         raise RuntimeError(f"{bucket}/{key}: {MAX_SUFFIX} variants of this key are taken")
 
     @abstractmethod
