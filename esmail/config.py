@@ -15,8 +15,6 @@ from dataclasses import dataclass, field, fields, replace
 from pathlib import Path
 from typing import Any, Mapping, NamedTuple
 
-from dotenv import dotenv_values
-
 from esmail.errors import ConfigError
 from esmail.keys import prefix_of
 
@@ -660,6 +658,10 @@ def secret_names(config: Config) -> list[str]:
 def _secrets(stage: str, source: Path | None, environ: Mapping[str, str], names: list[str]) -> dict[str, str]:
     """Secrets from `.env.{stage}` (beside the config file, else the working directory), the environment winning."""
     env_file = (source.parent if source else Path.cwd()) / f".env.{stage}"
-    values = {k: v for k, v in dotenv_values(env_file).items() if v is not None} if env_file.is_file() else {}
+    values = {}
+    if env_file.is_file():
+        from dotenv import dotenv_values  # only where there is such a file: it costs a tenth of a short command's start
+
+        values = {k: v for k, v in dotenv_values(env_file).items() if v is not None}
     values.update({k: v for k, v in environ.items()})
     return {name: values[name] for name in names if values.get(name)}
