@@ -33,6 +33,8 @@ log = logging.getLogger(__name__)
 
 COUNTS_EVERY = 1.0  # seconds between a receiver's reports of its reply counts
 RESTART_AT_MOST = 60.0  # seconds between restarts of a receiver that keeps dying
+# The counters a receiver counts, reported to the daemon, whose /metrics serves them
+FORWARDED = {"smtp_replies": metrics.SMTP_REPLIES, "tls_failures": metrics.TLS_FAILURES}
 
 
 class Receivers:
@@ -120,8 +122,9 @@ class Receivers:
 
     @staticmethod
     def _count(counts: dict) -> None:
-        for (command, code), n in counts.items():
-            metrics.SMTP_REPLIES.labels(command, code).inc(n)
+        for (name, labels), n in counts.items():
+            counter = FORWARDED[name]
+            (counter.labels(**dict(labels)) if labels else counter).inc(n)
 
     def _ended(self, child: "_Child") -> None:
         loop = asyncio.get_running_loop()
@@ -233,7 +236,7 @@ async def _receive(config: Config, index: int, pipe: Connection) -> None:
     loop.add_signal_handler(signal.SIGHUP, server.reload_tls)
     loop.add_reader(pipe.fileno(), stopping.set)  # the daemon never writes: readable means it is gone
     pipe.send(("ready", os.getpid()))
-    reported: dict[tuple[str, str], float] = {}
+    reported: dict[tuple[str, tuple], float] = {}
     counting = asyncio.create_task(_report_counts(pipe, reported))
     try:
         await stopping.wait()
@@ -252,12 +255,13 @@ async def _report_counts(pipe: Connection, reported: dict) -> None:
 
 
 def _send_counts(pipe: Connection, reported: dict) -> None:
-    """The replies given since the last report, by (command, code)."""
-    now: dict[tuple[str, str], float] = {}
-    for family in metrics.SMTP_REPLIES.collect():
-        for sample in family.samples:
-            if sample.name.endswith("_total"):
-                now[(sample.labels["command"], sample.labels["code"])] = sample.value
+    """What the counters counted since the last report, by (counter, labels)."""
+    now: dict[tuple[str, tuple], float] = {}
+    for name, counter in FORWARDED.items():
+        for family in counter.collect():
+            for sample in family.samples:
+                if sample.name.endswith("_total"):
+                    now[(name, tuple(sorted(sample.labels.items())))] = sample.value
     delta = {key: value - reported.get(key, 0) for key, value in now.items() if value != reported.get(key, 0)}
     if delta:
         try:

@@ -52,7 +52,8 @@ class Views:
 
     async def messages(self, request: web.Request) -> web.Response:
         listed = await asyncio.to_thread(data.messages, self.spool, self.reader, *self._filters(request))
-        return self._render(request, "messages.html", states=STATES, prefixes=self._known_prefixes(), **listed)
+        prefixes = await asyncio.to_thread(self._known_prefixes)
+        return self._render(request, "messages.html", states=STATES, prefixes=prefixes, **listed)
 
     async def message(self, request: web.Request) -> web.Response:
         found = await self._message(request)
