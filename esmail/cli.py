@@ -156,11 +156,7 @@ async def _daemon(config: Config, listen: bool) -> int:
     from esmail.daemon import Daemon
     from esmail.errors import CannotListen
 
-    try:
-        daemon = Daemon(config, listen)
-    except ConfigError as exc:
-        print(f"esmail: config error: {exc}", file=sys.stderr)
-        return 2
+    daemon = Daemon(config, listen)  # a ConfigError (the spool, the TLS pair) is main()'s to say
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, daemon.stop)
@@ -231,7 +227,7 @@ async def _ingest(config: Config, args) -> int:
 
 def _read_message(name: str, limit: int) -> bytes | None:
     """A message from a file, or from standard input for `-`; None (said on stderr) when it cannot be read or is too big."""
-    import getpass
+    from esmail.spool import user_name
 
     try:
         if name == "-":
@@ -241,7 +237,7 @@ def _read_message(name: str, limit: int) -> bytes | None:
             size = Path(name).stat().st_size
             raw = Path(name).read_bytes() if size <= limit else b""
     except OSError as exc:
-        hint = f" (esmail runs as {getpass.getuser()}: put the file where that user can read it, or pipe it in: esmail ingest - < FILE)" \
+        hint = f" (esmail runs as {user_name()}: put the file where that user can read it, or pipe it in: esmail ingest - < FILE)" \
             if isinstance(exc, PermissionError) else ""
         print(f"esmail ingest: {name}: {exc.strerror or exc}{hint}", file=sys.stderr)
         return None
@@ -444,7 +440,7 @@ def _spool_list(config: Config, args) -> int:
                 envelope = spool.envelope(entry_id, folder)
             except (OSError, ValueError):
                 continue  # finished while we looked
-            age = _age(now - envelope.received_at)
+            age = config_module.describe_age((now - envelope.received_at).total_seconds())
             if state == "quarantined":
                 rows += [(entry_id, state, age, prefix, "-", reason) for prefix, reason in envelope.held.items()]
                 continue
@@ -475,14 +471,6 @@ def _spool_release(config: Config, args) -> int:
             print(f"released {envelope.id} for {prefix} (was: {reason})")
     print("a running esmail serve or poll takes them within a minute")
     return 0
-
-
-def _age(delta) -> str:
-    seconds = int(delta.total_seconds())
-    for unit, size in (("d", 86400), ("h", 3600), ("m", 60)):
-        if seconds >= size:
-            return f"{seconds // size}{unit}"
-    return f"{seconds}s"
 
 
 def _spool_retry(config: Config, args) -> int:

@@ -307,6 +307,10 @@ def _at_least_one(v: Any) -> int:
     return v
 
 
+class _Why(ValueError):
+    """A bad value with something to add to "must be …; got …" (what exactly is wrong with it)."""
+
+
 def _patterns(v: Any) -> tuple[str, ...]:
     if not isinstance(v, list) or not all(isinstance(p, str) for p in v):
         raise TypeError
@@ -314,7 +318,7 @@ def _patterns(v: Any) -> tuple[str, ...]:
         try:
             re.compile(pattern)
         except re.error as exc:  # not a ValueError
-            raise ValueError(f"{pattern!r} is not a regular expression ({exc})") from None
+            raise _Why(f"{pattern!r} is not a regular expression: {exc}") from None
         pattern_origin(pattern)
     return tuple(v)
 
@@ -352,6 +356,15 @@ def describe_duration(seconds: float) -> str:
         if seconds >= size and seconds % size == 0:
             return f"{seconds / size:g}{unit}"
     return f"{seconds:g}s"
+
+
+def describe_age(seconds: float) -> str:
+    """How long ago, in its largest whole unit: 3d, 5h, 12m, 40s."""
+    seconds = max(int(seconds), 0)
+    for unit, size in (("d", 86400), ("h", 3600), ("m", 60)):
+        if seconds >= size:
+            return f"{seconds // size}{unit}"
+    return f"{seconds}s"
 
 
 _GLOB = re.compile(r"[^@\s]+@[^@\s]+")
@@ -524,7 +537,7 @@ def _converted(table: dict[str, Any], schema: dict[str, tuple[Any, str]], name: 
         try:
             values[key] = convert(raw)
         except (TypeError, ValueError) as exc:
-            detail = f" ({exc.args[0]})" if isinstance(exc, ValueError) and exc.args and "regular expression" in str(exc.args[0]) else ""
+            detail = f" ({exc})" if isinstance(exc, _Why) else ""
             hint = " (a number: write it without quotes)" if isinstance(raw, str) and _is_number(raw) else ""
             raise ConfigError(f"{where}: {name} {key} must be {expected}; got {raw!r}{hint}{detail}") from None
     return values

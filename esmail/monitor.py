@@ -56,7 +56,7 @@ class Monitor:
         found = []
         if self.daemon.smtp is not None and not self.daemon.smtp.listening:
             found.append("the SMTP port is not listening")
-        if getattr(self.daemon.smtp, "tls_problem", None):
+        if self.daemon.smtp is not None and self.daemon.smtp.tls_problem:
             found.append(self.daemon.smtp.tls_problem)
         try:
             self.daemon.spool.check_writable()

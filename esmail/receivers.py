@@ -49,6 +49,7 @@ class Receivers:
         self._reserved: socket.socket | None = None
         self._stopping = False
         self.port = 0
+        self.tls_problem: str | None = None  # as SmtpServer's; a receiver reloads in its own process, and logs a failure there
 
     @property
     def listening(self) -> bool:
@@ -100,25 +101,26 @@ class Receivers:
         if error:
             raise CannotListen("[smtp] listen", self.config.smtp.listen, OSError(0, error))
 
-    def _message(self, child: "_Child", started: asyncio.Future) -> None:
-        """What a receiver says: ready (or why not), an entry it spooled, its reply counts."""
+    def _message(self, child: "_Child", started: asyncio.Future | None = None) -> bool:
+        """What a receiver says: ready (or why not), an entry it spooled, its counts; False once it can say no more."""
         try:
             kind, value = child.pipe.recv()
         except (EOFError, OSError):
             asyncio.get_running_loop().remove_reader(child.pipe.fileno())
-            if not started.done():
+            if started is not None and not started.done():
                 started.set_result(f"receiver process {child.index} ended before it listened")
-            return
+            return False
         if kind == "spooled":
             self.on_spooled(value)
         elif kind == "counts":
             self._count(value)
         elif kind == "ready":
             child.ready = True
-            if not started.done():
+            if started is not None and not started.done():
                 started.set_result(None)
-        elif kind == "error" and not started.done():
+        elif kind == "error" and started is not None and not started.done():
             started.set_result(value)
+        return True
 
     @staticmethod
     def _count(counts: dict) -> None:
@@ -179,14 +181,7 @@ class Receivers:
             child.process.join(5)
             for fd in (child.pipe.fileno(), child.process.sentinel):
                 loop.remove_reader(fd)
-            try:
-                while child.pipe.poll():  # what it said last (its final counts, a message spooled at the end)
-                    kind, value = child.pipe.recv()
-                    if kind == "spooled":
-                        self.on_spooled(value)
-                    elif kind == "counts":
-                        self._count(value)
-            except (EOFError, OSError):
+            while child.pipe.poll() and self._message(child):  # what it said last: its final counts, an entry spooled at the end
                 pass
             child.pipe.close()
         if self._reserved is not None:

@@ -46,6 +46,11 @@ _LOGGED = frozenset({"421", "450", "451", "452", "530", "550", "552", "553", "55
 SHUTTING_DOWN = "421 4.3.2 Service shutting down; please try again later"
 
 
+def client_of(peer) -> str:
+    """The client's address from a socket's peer name (host, port[, …]), or the name as it is."""
+    return peer[0] if isinstance(peer, tuple) else str(peer or "")
+
+
 def too_big(limit: int, size: int) -> str:
     return f"552 5.3.4 Message too big: {size:,} bytes, over the limit of {limit:,} bytes"
 
@@ -120,7 +125,7 @@ class Receiver:
     async def handle_DATA(self, server: SMTP, session: SmtpSession, envelope: SmtpEnvelope) -> str:
         raw = envelope.original_content
         prefixes = [prefix_of(address) for address in envelope.rcpt_tos]
-        client = session.peer[0] if isinstance(session.peer, tuple) else str(session.peer or "")
+        client = client_of(session.peer)
         try:
             spooled = await self.committer.accept(
                 raw, prefixes, sender=envelope.mail_from or "", recipients=tuple(envelope.rcpt_tos),
@@ -204,8 +209,7 @@ class Connection(SMTP):
             await asyncio.sleep(0)
 
     def _client(self) -> str:
-        peer = self.session.peer if self.session else None
-        return peer[0] if isinstance(peer, tuple) else str(peer or "")
+        return client_of(self.session.peer if self.session else None)
 
     async def handle_exception(self, error: Exception) -> str:
         """A failed STARTTLS handshake (an unknown CA, a scanner sending garbage) is daily life on an MX:
@@ -327,8 +331,7 @@ class _Busy(asyncio.Protocol):
     """What a client gets when max_sessions are already open."""
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
-        peer = transport.get_extra_info("peername")
-        log.info("%s: refused: 421 4.7.0 Too many connections (max_sessions)", peer[0] if isinstance(peer, tuple) else peer)
+        log.info("%s: refused: 421 4.7.0 Too many connections (max_sessions)", client_of(transport.get_extra_info("peername")))
         transport.write(counted("CONNECT", "421 4.7.0 Too many connections; please try again later").encode() + b"\r\n")
         transport.close()
 

@@ -95,7 +95,7 @@ class Spool:
                     raise PermissionError(13, "Permission denied", str(folder))
             except OSError as exc:
                 raise ConfigError(f"[spool] path = '{self.path}': cannot create or write {exc.filename or folder}: "
-                                  f"{exc.strerror or exc} (esmail runs as {_user()}); run esmail as the user the service runs as "
+                                  f"{exc.strerror or exc} (esmail runs as {user_name()}); run esmail as the user the service runs as "
                                   f"(sudo -u esmail …), or give that user the folder (chown -R esmail: {self.path})") from None
         self._lock = threading.Lock()
         self._folders_used: dict[tuple[str, str], int] = {}
@@ -385,7 +385,8 @@ class Spool:
         os.replace(tmp, self.state / f"{entry_id}.json")
 
 
-def _user() -> str:
+def user_name() -> str:
+    """Who esmail runs as, for messages about files it cannot make or read."""
     import pwd
 
     try:

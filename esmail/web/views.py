@@ -14,7 +14,7 @@ from urllib.parse import quote
 from aiohttp import web
 from jinja2 import Environment, FileSystemLoader, StrictUndefined
 
-from esmail.config import describe_duration
+from esmail.config import describe_age, describe_duration
 from esmail.errors import TemporaryFailure
 from esmail.history import STATES, Reader
 from esmail.web import data
@@ -187,11 +187,7 @@ def _when(iso: str | None) -> str:
 def _ago(iso: str | None) -> str:
     if not iso:
         return ""
-    seconds = max(int((datetime.now(timezone.utc) - datetime.fromisoformat(iso)).total_seconds()), 0)
-    for unit, size in (("d", 86400), ("h", 3600), ("m", 60)):
-        if seconds >= size:
-            return f"{seconds // size}{unit} ago"
-    return f"{seconds}s ago"
+    return describe_age((datetime.now(timezone.utc) - datetime.fromisoformat(iso)).total_seconds()) + " ago"
 
 
 def _size(count: int | None) -> str:
