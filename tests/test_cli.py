@@ -56,7 +56,7 @@ def test_ingest_with_recipient_and_without_usable_one(tmp_path):
 
 
 def test_ingest_the_readme_example_on_the_embedded_default(tmp_path):
-    """The README's first command, in a fresh folder: no config at all."""
+    """The quick start's first command, in a fresh folder: no config at all."""
     example = os.path.join(os.path.dirname(__file__), "..", "examples", "sheffield.eml")
     result = esmail("ingest", example, cwd=tmp_path)
     assert result.returncode == 0, result.stderr

@@ -1,6 +1,6 @@
 """Hostile input: each attack or broken file gets the right SMTP code or goes to unprocessable, and nothing escapes.
 
-Grouped as the README's security section is: SMTP, MIME, archives,
+Grouped as docs/security.md is: SMTP, MIME, archives,
 spreadsheets, CSV injection, resources. (Links: tests/test_links.py.
 Relay attempts, smuggling, long lines, the size limit and timeouts are also
 in tests/test_smtp.py.) Every fixture is built here.

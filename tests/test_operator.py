@@ -54,7 +54,7 @@ def test_ingest_reads_a_message_from_standard_input(tmp_path):
 
 
 def test_ingest_says_when_no_recipient_is_in_a_configured_domain(tmp_path):
-    """README: the prefix comes from the first address in a configured domain; when none is, the old rule, with a warning."""
+    """docs/operations.md: the prefix comes from the first address in a configured domain; when none is, the old rule, with a warning."""
     toml = local(tmp_path, f'[smtp]\ndomains = ["{DOMAIN}"]\n')
     (tmp_path / "foreign.eml").write_bytes(eml(to="leeds@elsewhere.example"))
     result = esmail("--config", toml, "ingest", tmp_path / "foreign.eml")
@@ -200,7 +200,7 @@ def test_the_unit_does_not_restart_a_config_error():
 @pytest.mark.skipif(shutil.which("runuser") is None or shutil.which("esmail") is None or os.geteuid() != 0,
                     reason="esmail-admin drops privileges with runuser, as root")
 def test_esmail_admin_runs_commands_with_every_secret_of_the_env_file(tmp_path):
-    """The README's admin wrapper: the secrets a config names (here the page's password) come from the env file."""
+    """The operations guide's admin wrapper: the secrets a config names (here the page's password) come from the env file."""
     toml = local(tmp_path, '[http]\nlisten = "127.0.0.1:9925"\npassword_env = "PAGE_PASSWORD"\n')
     env_file = tmp_path / "env"
     env_file.write_text("PAGE_PASSWORD=from-the-env-file\n")
