@@ -68,18 +68,33 @@ class EntryState:
     authentication: dict | None = None  # the final results, so that a replay stores the same inbox copy
 
 
-def read_entry(path: Path) -> tuple[Envelope, bytes]:
-    """An entry's envelope and raw message.
+@dataclass
+class Entry:
+    """A queued entry as one attempt holds it: its envelope and state read once and carried along, the
+    message left on disk until it is needed (`Spool.message`)."""
+    envelope: Envelope
+    state: EntryState
+    path: Path
+    body_at: int  # where the raw message starts: past the envelope's line
 
-    The message is read unbuffered, straight into one buffer: a buffered read
-    after the header line joins what it had buffered to the rest, a second
-    copy of a 40 MB message.
-    """
+    @property
+    def id(self) -> str:
+        return self.envelope.id
+
+
+def read_entry(path: Path) -> tuple[Envelope, bytes]:
+    """An entry's envelope and raw message."""
     with open(path, "rb") as f:
         header = f.readline()
+    return _envelope(header), read_body(path, len(header))
+
+
+def read_body(path: Path, offset: int) -> bytes:
+    """The raw message from `offset` on, read unbuffered, straight into one buffer: a buffered read after
+    the envelope's line joins what it had buffered to the rest, a second copy of a 40 MB message."""
     with open(path, "rb", buffering=0) as f:
-        f.seek(len(header))
-        return _envelope(header), f.readall()
+        f.seek(offset)
+        return f.readall()
 
 
 class Spool:
@@ -276,8 +291,16 @@ class Spool:
     def entry_path(self, entry_id: str) -> Path:
         return self.queue / (entry_id + SUFFIX)
 
-    def load(self, entry_id: str) -> tuple[Envelope, bytes]:
-        return read_entry(self.entry_path(entry_id))
+    def entry(self, entry_id: str) -> Entry:
+        """A queued entry's envelope and state, for one attempt (FileNotFoundError once it is no longer queued)."""
+        path = self.entry_path(entry_id)
+        with open(path, "rb") as f:
+            header = f.readline()
+        return Entry(_envelope(header), self.read_state(entry_id), path, len(header))
+
+    def message(self, entry: Entry) -> bytes:
+        """The entry's raw message."""
+        return read_body(entry.path, entry.body_at)
 
     def read_state(self, entry_id: str) -> EntryState:
         try:
@@ -287,17 +310,16 @@ class Spool:
 
     # --- finishing -----------------------------------------------------------
 
-    def record_authentication(self, entry_id: str, authentication: dict) -> None:
-        state = self.read_state(entry_id)
-        state.authentication = authentication
-        self._write_state(entry_id, state)
+    def record_authentication(self, entry: Entry, authentication: dict) -> None:
+        entry.state.authentication = authentication
+        self._write_state(entry.id, entry.state)
 
-    def record_attempt(self, entry_id: str, error: str, crashed: bool = False) -> EntryState:
-        state = self.read_state(entry_id)
+    def record_attempt(self, entry: Entry, error: str, crashed: bool = False) -> EntryState:
+        state = entry.state
         state.attempts += 1
         state.crashes += crashed
         state.last_error = error
-        self._write_state(entry_id, state)
+        self._write_state(entry.id, state)
         return state
 
     def done(self, entry_id: str) -> None:
@@ -306,11 +328,11 @@ class Spool:
         (self.state / f"{entry_id}.json").unlink(missing_ok=True)
         fsync_dir(self.queue)
 
-    def fail(self, entry_id: str, reason: str) -> None:
+    def fail(self, entry: Entry, reason: str) -> None:
         """Keep the entry in failed/ with the reason, for `esmail spool retry`."""
-        state = self.read_state(entry_id)
-        state.reason = reason
-        self._write_state(entry_id, state)
+        entry_id = entry.id
+        entry.state.reason = reason
+        self._write_state(entry_id, entry.state)
         (self.failed / f"{entry_id}.reason").write_text(reason + "\n")
         os.rename(self.queue / (entry_id + SUFFIX), self.failed / (entry_id + SUFFIX))
         fsync_dir(self.failed)
@@ -329,11 +351,11 @@ class Spool:
         fsync_dir(self.queue)
         return moved
 
-    def quarantine(self, entry_id: str, held: dict[str, str], authentication: str) -> None:
-        """Keep a copy of the entry in quarantine/ for the prefixes a feed refused, with the reasons and the
-        results they were judged by. Named by the entry's id: a replay after a crash writes the same file."""
-        envelope, raw = self.load(entry_id)
-        envelope = replace(envelope, folders={p: f for p, f in envelope.folders.items() if p in held}, held=held,
+    def quarantine(self, entry: Entry, raw: bytes, held: dict[str, str], authentication: str) -> None:
+        """Keep a copy of the entry (its raw message `raw`) in quarantine/ for the prefixes a feed refused, with the
+        reasons and the results they were judged by. Named by the entry's id: a replay after a crash writes the same file."""
+        entry_id = entry.id
+        envelope = replace(entry.envelope, folders={p: f for p, f in entry.envelope.folders.items() if p in held}, held=held,
                            authentication=authentication)
         tmp = self.tmp / f"{entry_id}.quarantine"
         try:

@@ -25,7 +25,7 @@ from esmail.config import Config
 from esmail.conversion import Converted, convert_entry, route_all, start_process
 from esmail.errors import ConversionCrashed, TemporaryFailure
 from esmail.history import FileRow, History
-from esmail.spool import Envelope, EntryState, Spool
+from esmail.spool import Entry, Envelope, Spool
 from esmail.store import Store
 
 if TYPE_CHECKING:  # the checks themselves (dkimpy, pyspf, dnspython) are imported only where feeds are declared
@@ -66,33 +66,34 @@ class Worker:
         if self.executor is not None:
             self.executor.shutdown(wait=True, cancel_futures=True)
 
-    async def process(self, entry_id: str) -> list[Stored]:
-        """Store everything one spool entry yields, then remove it; TemporaryFailure leaves it queued.
+    async def process(self, entry: Entry | str) -> list[Stored]:
+        """Store everything one spool entry (or the entry of that id) yields, then remove it; TemporaryFailure leaves it queued.
 
         With feeds declared, the message is authenticated first and each
         prefix's feed judges it: a refused prefix gets the inbox copy and a
         quarantine entry, nothing else.
         """
         started = time.monotonic()
-        envelope = self.spool.envelope(entry_id)
-        state = self.spool.read_state(entry_id)
+        if isinstance(entry, str):
+            entry = self.spool.entry(entry)
+        entry_id, envelope, state = entry.id, entry.envelope, entry.state
         alone = state.crashes > 0  # a suspect: converted in a process of its own
-        auth = await self._authenticate(entry_id, envelope, state, alone)
+        auth = await self._authenticate(entry, alone)
         refused = self._judge(envelope, auth)
         if auth is not None and state.authentication is None and not envelope.held:  # final now: a replay stores the same copy
-            self.spool.record_authentication(entry_id, asdict(auth))
+            self.spool.record_authentication(entry, asdict(auth))
         passing = [prefix for prefix in envelope.folders if prefix not in refused]
         converted = Converted([], [], 0)
         if passing or not envelope.folders:
             try:
                 with metrics.CONVERSION.time():
-                    converted = await self._in_pool(alone, convert_entry, self.spool.entry_path(entry_id),
-                                                    self.config.csv.ascii_only, self.config.links.patterns)
+                    converted = await self._in_pool(alone, convert_entry, entry.path, self.config.csv.ascii_only,
+                                                    self.config.links.patterns)
             except TemporaryFailure:
                 raise
             except Exception as exc:  # the message itself broke the parser: keep it whole, in failed/ too
-                return await self._give_up(entry_id, f"cannot process the message: {type(exc).__name__}: {exc}", started)
-        raw = self.spool.load(entry_id)[1]  # for the inbox copy, read only now: the conversion read its own
+                return await self._give_up(entry, f"cannot process the message: {type(exc).__name__}: {exc}", started)
+        raw = self.spool.message(entry)  # for the inbox copy, read only now: the conversion read its own
         copy = auth.prepended(raw) if auth is not None else raw
         outputs = converted.outputs
         if converted.links and passing:
@@ -114,7 +115,7 @@ class Worker:
                     report.problem("a file went to unprocessable", "warning", prefix=prefix, key=stored.key,
                                    reason=out.reason, spool_id=entry_id)
         if refused:
-            self.spool.quarantine(entry_id, {prefix: str(refusal) for prefix, refusal in refused.items()}, auth.header)
+            self.spool.quarantine(entry, raw, {prefix: str(refusal) for prefix, refusal in refused.items()}, auth.header)
             for prefix, refusal in refused.items():
                 metrics.QUARANTINED.labels(prefix, refusal.kind).inc()
                 log.warning("%s: quarantined for %s: %s (`esmail spool release %s` lets it through)", entry_id, prefix, refusal, entry_id,
@@ -152,7 +153,7 @@ class Worker:
             authentication=auth.header if auth is not None else "", reason=reason, attempts=attempts,
             seconds=round(time.monotonic() - started, 3), files=files))
 
-    async def _authenticate(self, entry_id: str, envelope: Envelope, state: EntryState, alone: bool) -> Authentication | None:
+    async def _authenticate(self, entry: Entry, alone: bool) -> Authentication | None:
         """SPF, DKIM and DMARC of the message (DESIGN §12), once feeds are declared; None when none are (no DNS at all).
 
         Results that were final are reused: from the state when the entry is
@@ -162,6 +163,7 @@ class Worker:
             return None
         from esmail.authentication import Authentication, Request, authenticate_entry
 
+        envelope, state = entry.envelope, entry.state
         if envelope.held:
             return Authentication(envelope.authentication, "", True)
         if state.authentication is not None:
@@ -170,7 +172,7 @@ class Worker:
         request = Request(self.config.dns, self.config.smtp.hostname, client=envelope.client if smtp else "",
                           helo=envelope.helo if smtp else "", mail_from=envelope.sender if smtp else "",
                           trusted_authserv_id=envelope.trusted_authserv_id)
-        return await self._in_pool(alone, authenticate_entry, self.spool.entry_path(entry_id), request)
+        return await self._in_pool(alone, authenticate_entry, entry.path, request)
 
     def _judge(self, envelope: Envelope, auth: Authentication | None) -> dict[str, Refusal]:
         """The prefixes whose feed refuses the message (TemporaryFailure when DNS trouble leaves that open)."""
@@ -248,21 +250,25 @@ class Worker:
     async def attempt(self, entry_id: str) -> float | None:
         """One try at an entry: None when it is finished (stored, or in failed/), else the seconds to wait before the next."""
         try:
-            await self.process(entry_id)
-            return None
+            entry = self.spool.entry(entry_id)  # read once, carried through the attempt
         except FileNotFoundError:  # finished meanwhile by another process (`esmail ingest`), or moved by `spool retry`
+            return None
+        try:
+            await self.process(entry)
+            return None
+        except FileNotFoundError:  # the same, while this attempt ran
             return None
         except Exception as exc:  # TemporaryFailure (storage, spool), or a bug: both get the same bounded retries
             if not isinstance(exc, TemporaryFailure):
                 log.exception("%s: unexpected error", entry_id)
                 report.exception("unexpected error while processing a spool entry", spool_id=entry_id)
             crashed = isinstance(exc, ConversionCrashed)
-            state = self.spool.record_attempt(entry_id, f"{type(exc).__name__}: {exc}" if not isinstance(exc, TemporaryFailure) else str(exc), crashed)
+            state = self.spool.record_attempt(entry, f"{type(exc).__name__}: {exc}" if not isinstance(exc, TemporaryFailure) else str(exc), crashed)
             if state.crashes >= MAX_CRASHES:
-                await self._give_up(entry_id, CRASHED)
+                await self._give_up(entry, CRASHED)
                 return None
             if state.attempts >= self.config.worker.max_attempts:
-                await self._give_up(entry_id, f"gave up after {state.attempts} attempts; the last error: {state.last_error}")
+                await self._give_up(entry, f"gave up after {state.attempts} attempts; the last error: {state.last_error}")
                 return None
             delay = backoff(state.attempts)
             metrics.RETRIES.inc()
@@ -271,10 +277,10 @@ class Worker:
             log.log(level, "%s: attempt %d of %d failed (%s); next in %.0fs", entry_id, state.attempts, self.config.worker.max_attempts, exc, delay)
             return delay
 
-    async def _give_up(self, entry_id: str, reason: str, started: float | None = None) -> list[Stored]:
+    async def _give_up(self, entry: Entry, reason: str, started: float | None = None) -> list[Stored]:
         """A permanent failure: the raw message to inbox and unprocessable (when storage lets us), the entry to failed/."""
         started = started or time.monotonic()
-        envelope, raw = self.spool.load(entry_id)
+        envelope, raw = entry.envelope, self.spool.message(entry)
         log.error("%s: %s", envelope.id, reason)
         report.problem("a message failed for good: its raw copy went to unprocessable, its entry to failed/",
                        prefix=",".join(envelope.folders) or NO_PREFIX, reason=reason, spool_id=envelope.id)
@@ -283,8 +289,8 @@ class Worker:
             files += await self._put_message(envelope, raw, (INBOX, UNPROCESSABLE), self._places(envelope))
         except TemporaryFailure as exc:
             log.error("%s: cannot store the raw message either (%s); it is kept in %s", envelope.id, exc, self.spool.failed)
-        attempts = self.spool.read_state(entry_id).attempts
-        self.spool.fail(envelope.id, reason)
+        attempts = entry.state.attempts
+        self.spool.fail(entry, reason)
         metrics.MESSAGES.labels("failed").inc()
         self._log_message(envelope, len(raw), "failed", started, objects=len(files))
         await self._record(envelope, raw, history.FAILED, started, max(attempts, 1), files,
@@ -318,13 +324,14 @@ class Worker:
     async def process_with_retries(self, entry_id: str, attempts: int, first_delay: float = 1.0) -> list[Stored]:
         """`process`, retried with exponential backoff on temporary failures; the last failure is raised."""
         for attempt in range(1, attempts + 1):
+            entry = self.spool.entry(entry_id)
             try:
-                return await self.process(entry_id)
+                return await self.process(entry)
             except TemporaryFailure as exc:
-                state = self.spool.record_attempt(entry_id, str(exc), isinstance(exc, ConversionCrashed))
+                state = self.spool.record_attempt(entry, str(exc), isinstance(exc, ConversionCrashed))
                 log.warning("%s: attempt %d failed: %s", entry_id, state.attempts, exc)
                 if state.crashes >= MAX_CRASHES:
-                    return await self._give_up(entry_id, CRASHED)
+                    return await self._give_up(entry, CRASHED)
                 if attempt == attempts:
                     raise
                 await asyncio.sleep(backoff(attempt, first_delay))

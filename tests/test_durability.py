@@ -219,8 +219,8 @@ def test_spool_list_and_retry(tmp_path):
     spool = Spool(tmp_path / "spool")
     kept = spool.accept(b"To: a@x\r\n\r\nwaiting\r\n", ["waiting"], recipients=("waiting@x",))
     broken = spool.accept(b"To: b@x\r\n\r\nbroken\r\n", ["broken"], recipients=("broken@x",))
-    spool.record_attempt(kept.id, "s3://bucket/key: Could not connect")
-    spool.fail(broken.id, "gave up after 3 attempts")
+    spool.record_attempt(spool.entry(kept.id), "s3://bucket/key: Could not connect")
+    spool.fail(spool.entry(broken.id), "gave up after 3 attempts")
     toml = tmp_path / "c.toml"
     toml.write_text(f'[spool]\npath = "{tmp_path / "spool"}"\n')
 

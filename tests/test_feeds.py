@@ -317,7 +317,8 @@ async def test_quarantined_entries_past_quarantine_days_are_dropped_at_start(con
     spool = Spool(config.spool.path)
     old, young = (spool.accept(message(), ["sheffield"]) for _ in range(2))
     for envelope in (old, young):
-        spool.quarantine(envelope.id, {"sheffield": "From x is not among the senders"}, "Authentication-Results: x; none")
+        entry = spool.entry(envelope.id)
+        spool.quarantine(entry, spool.message(entry), {"sheffield": "From x is not among the senders"}, "Authentication-Results: x; none")
         spool.done(envelope.id)
     long_ago = time.time() - 31 * 86400
     os.utime(spool.quarantine_dir / f"{old.id}.msg", (long_ago, long_ago))
