@@ -172,7 +172,7 @@ async def _daemon(config: Config, listen: bool) -> int:
 async def _ingest(config: Config, args) -> int:
     from esmail import mail
     from esmail.errors import TemporaryFailure
-    from esmail.history import History
+    from esmail.history import open_history
     from esmail.keys import domain_of, prefix_of
     from esmail.spool import Spool
     from esmail.store import open_store
@@ -204,7 +204,7 @@ async def _ingest(config: Config, args) -> int:
         envelope = spool.accept(raw, [prefix] if prefix else [], recipients=(args.recipient,) if args.recipient else (), origin="ingest")
         queued.append((name, envelope.id))
     store = open_store(config)
-    history = History(spool.path)
+    history = open_history(config)
     worker = Worker(config, spool, store, processes=True, history=history)
     try:
         for name, entry_id in queued:
@@ -274,7 +274,7 @@ def _convert(config: Config, args) -> int:
 async def _check_config(config: Config, args) -> int:
     import asyncio
 
-    from esmail import resolver
+    from esmail import history, resolver
     from esmail.imap import count_messages, describe, login_for
     from esmail.store import open_store
 
@@ -297,6 +297,11 @@ async def _check_config(config: Config, args) -> int:
                 status = 1
     finally:
         await store.close()
+    try:
+        print(f"ok      history {await asyncio.to_thread(history.probe, config)}")
+    except Exception as exc:
+        print(f"FAILED  history {config.history.url or config.spool.path}: {str(exc).strip()}")
+        status = 1
     if config.feeds:
         name = _probe_name(config)
         try:

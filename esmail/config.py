@@ -168,7 +168,9 @@ class HttpConfig:
 
 @dataclass(frozen=True)
 class HistoryConfig:
-    keep_days: float = 400.0  # messages received longer ago are pruned from {spool}/history.sqlite, once a day
+    keep_days: float = 400.0  # messages received longer ago are pruned, once a day
+    url: str | None = None  # postgresql://… shared by every host (DESIGN §17); None: {spool}/history.sqlite
+    password_env: str | None = None  # the variable holding the database password (libpq's PGPASSWORD and ~/.pgpass work too)
 
 
 @dataclass(frozen=True)
@@ -392,6 +394,23 @@ def _domains(v: Any) -> tuple[str, ...]:
     return domains
 
 
+def _database_url(v: Any) -> str:
+    """A `postgresql://` URL with no password in it (the password comes from the environment, PGPASSWORD or ~/.pgpass)."""
+    from urllib.parse import parse_qs, urlsplit
+
+    parts = urlsplit(_str(v))
+    if parts.scheme not in ("postgresql", "postgres") or not parts.hostname and not parts.path.strip("/"):
+        raise ValueError
+    if parts.password is not None or "password" in parse_qs(parts.query):
+        raise _Secret("[history] url holds a password: take it out of the URL and put it in the environment variable that "
+                      "[history] password_env names (or PGPASSWORD, or ~/.pgpass); the config file is no place for secrets")
+    return v
+
+
+class _Secret(ValueError):
+    """A secret where it must not be: said without the value (the message is the whole error)."""
+
+
 _SCHEMA: dict[str, dict[str, tuple[Any, str]]] = {
     "smtp": {
         "listen": (parse_address, 'an address and port such as "127.0.0.1:2525", "[::1]:25" or ":25" (every address)'),
@@ -440,7 +459,11 @@ _SCHEMA: dict[str, dict[str, tuple[Any, str]]] = {
         "listen": (parse_address, 'an address and port such as "127.0.0.1:9025"'),
         "password_env": (_str, 'the name of the environment variable that holds the page\'s password, e.g. "ESMAIL_HTTP_PASSWORD"'),
     },
-    "history": {"keep_days": (_seconds, "a number of days greater than 0")},
+    "history": {
+        "keep_days": (_seconds, "a number of days greater than 0"),
+        "url": (_database_url, 'a PostgreSQL URL without a password, e.g. "postgresql://esmail@db.example.org:5432/esmail?sslmode=verify-full"'),
+        "password_env": (_str, 'the name of the environment variable that holds the database password, e.g. "ESMAIL_HISTORY_PASSWORD"'),
+    },
     "rollbar": {"endpoint": (_str, 'the API URL, "https://api.rollbar.com/api/1/" unless you run your own')},
 }
 _IMAP_SCHEMA: dict[str, tuple[Any, str]] = {
@@ -536,6 +559,8 @@ def _converted(table: dict[str, Any], schema: dict[str, tuple[Any, str]], name: 
         convert, expected = schema[key]
         try:
             values[key] = convert(raw)
+        except _Secret as exc:
+            raise ConfigError(f"{where}: {exc}") from None
         except (TypeError, ValueError) as exc:
             detail = f" ({exc})" if isinstance(exc, _Why) else ""
             hint = " (a number: write it without quotes)" if isinstance(raw, str) and _is_number(raw) else ""
@@ -625,6 +650,13 @@ def _checked(config: Config, where: str) -> Config:
                         "refresh_token_env": "the OAuth2 refresh token"}[key]
                 raise ConfigError(f"{where}: [[imap]] #{n} {key} = {variable!r}: that environment variable is not set; "
                                   f"put {what} of {mailbox.username} in it (or in .env.{config.stage})")
+    history = config.history
+    if history.password_env and not config.secrets.get(history.password_env):
+        raise ConfigError(f"{where}: [history] password_env = {history.password_env!r}: that environment variable is not set or empty; "
+                          f"put the database password in it (or in .env.{config.stage}), or leave password_env out and use "
+                          "PGPASSWORD or ~/.pgpass")
+    if history.password_env and not history.url:
+        raise ConfigError(f"{where}: [history] password_env needs [history] url (the PostgreSQL database it is the password of)")
     http = config.http
     if http.password_env and not config.secrets.get(http.password_env):
         raise ConfigError(f"{where}: [http] password_env = {http.password_env!r}: that environment variable is not set or empty; "
@@ -665,7 +697,8 @@ def is_loopback(host: str) -> bool:
 def secret_names(config: Config) -> list[str]:
     """Every environment variable a secret may come from: the fixed ones, and those the config names."""
     named = [name for mailbox in config.imap for name in mailbox.secret_keys.values()]
-    return list(dict.fromkeys([*SECRET_NAMES, *named, *([config.http.password_env] if config.http.password_env else [])]))
+    optional = [name for name in (config.http.password_env, config.history.password_env) if name]
+    return list(dict.fromkeys([*SECRET_NAMES, *named, *optional]))
 
 
 def _secrets(stage: str, source: Path | None, environ: Mapping[str, str], names: list[str]) -> dict[str, str]:

@@ -17,7 +17,7 @@ from concurrent.futures import ThreadPoolExecutor
 
 from esmail import feeds, logs, metrics, report
 from esmail.config import Config, describe_duration
-from esmail.history import History, Reader, timestamp
+from esmail.history import open_history, timestamp
 from esmail.imap import Mailbox, login_for
 from esmail.receivers import Receivers
 from esmail.smtp import Receiver, SmtpServer
@@ -41,7 +41,7 @@ class Daemon:
         self.config = config
         self.spool = Spool(config.spool.path, config.spool.min_free)
         self.store = open_store(config)
-        self.history = History(self.spool.path)
+        self.history = open_history(config)
         self.worker = Worker(config, self.spool, self.store, processes=True, history=self.history)
         self.scheduler = Scheduler(self.worker, concurrency=process_pool_size(config))
         self.committer = GroupCommit(self.spool)
@@ -143,8 +143,7 @@ class Daemon:
                          extra={"spool_id": envelope.id, "prefixes": list(envelope.held)})
             if time.monotonic() - pruned_at >= 86400 or not pruned_at:
                 pruned_at = time.monotonic()
-                if pruned := await self.history.prune(self.config.history.keep_days):
-                    log.info("history: forgot %d messages received over %g days ago ([history] keep_days)", pruned, self.config.history.keep_days)
+                await self.history.prune(self.config.history.keep_days)
             await asyncio.sleep(HOUSEKEEPING_EVERY)
 
     async def _watch_feeds(self) -> None:
@@ -152,11 +151,10 @@ class Daemon:
         watched = [feed for feed in self.config.feeds if feed.expected_every]
         if not self.config.feeds:
             return
-        reader = Reader(self.spool.path)
         every = min([LATE_CHECK_EVERY] + [max(feed.expected_every / 4, 0.5) for feed in watched])
         late: set[str] = set()
         while True:
-            rows = await asyncio.to_thread(reader.prefixes)
+            rows = await asyncio.to_thread(self.history.prefixes)
             now = time.time()
             for feed in self.config.feeds:
                 row = rows.get(feed.prefix)

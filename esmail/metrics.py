@@ -27,6 +27,8 @@ SPOOL_DEPTH = Gauge("esmail_spool_depth", "Messages waiting in the spool", regis
 SPOOL_OLDEST = Gauge("esmail_spool_oldest_seconds", "Age of the oldest message waiting in the spool (0: none)", registry=REGISTRY)
 SPOOL_QUARANTINED = Gauge("esmail_spool_quarantined", "Entries in the spool's quarantine/ folder, waiting for a human to release them",
                           registry=REGISTRY)
+HISTORY_BACKLOG = Gauge("esmail_history_backlog", "History rows waiting to be written to the database (PostgreSQL away or slow)",
+                        registry=REGISTRY)
 SPOOL_FAILED = Gauge("esmail_spool_failed", "Entries in the spool's failed/ folder, waiting for a human", registry=REGISTRY)
 FEED_LAST_MESSAGE = Gauge("esmail_feed_last_message_timestamp_seconds", "When the last message for a declared feed was received (Unix time)",
                           ["prefix"], registry=REGISTRY)

@@ -46,10 +46,18 @@ class Monitor:
         await self.runner.cleanup()
 
     async def healthz(self, request: web.Request) -> web.Response:
-        problems = await asyncio.to_thread(self.problems)
+        problems, notes = await asyncio.to_thread(lambda: (self.problems(), self.notes()))
         if problems:
-            return web.json_response({"status": "unhealthy", "problems": problems}, status=503)
-        return web.json_response({"status": "ok"})
+            return web.json_response({"status": "unhealthy", "problems": problems, **({"notes": notes} if notes else {})}, status=503)
+        return web.json_response({"status": "ok", **({"notes": notes} if notes else {})})
+
+    def notes(self) -> list[str]:
+        """What is wrong but does not stop mail: the history's database away (rows wait in the spool)."""
+        history = self.daemon.history
+        problem, waiting = history.problem(), history.backlog()
+        if problem is None:
+            return []
+        return [f"history: unreachable ({waiting} row{'' if waiting == 1 else 's'} waiting): {problem}"]
 
     def problems(self) -> list[str]:
         """What stops esmail from taking mail and storing it now (empty: healthy)."""
@@ -77,4 +85,5 @@ class Monitor:
         metrics.SPOOL_OLDEST.set(spool.oldest_age())
         metrics.SPOOL_FAILED.set(len(spool.failed_ids()))
         metrics.SPOOL_QUARANTINED.set(len(spool.quarantined_ids()))
+        metrics.HISTORY_BACKLOG.set(self.daemon.history.backlog())
         return generate_latest(metrics.REGISTRY)

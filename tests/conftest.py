@@ -226,6 +226,39 @@ def self_signed(tmp_path):
     return cert_path, key_path
 
 
+@pytest.fixture(scope="session")
+def postgres_server():
+    """A real PostgreSQL server for the session (tests/postgres.py); skipped where it is not installed, but never in CI."""
+    import postgres
+
+    if not postgres.available():
+        if os.environ.get("CI"):
+            pytest.fail("PostgreSQL is not installed, and CI is set: .ci/run must install the Debian package postgresql")
+        pytest.skip("PostgreSQL is not installed: apt-get install postgresql (the shared history is tested against a real server)")
+    server = postgres.Postgres()
+    server.start()
+    yield server
+    server.remove()
+
+
+_databases = iter(range(1_000_000))
+HISTORY_PASSWORD_ENV = "ESMAIL_HISTORY_PASSWORD"
+
+
+@pytest.fixture
+def history_url(postgres_server) -> str:
+    """A new, empty database on the session's server, owned by the esmail role; its URL (no password in it)."""
+    return postgres_server.new_database(f"history_{os.getpid()}_{next(_databases)}")
+
+
+def with_history(config: Config, url: str) -> Config:
+    """`config` with its history in PostgreSQL at `url`, the password in the environment variable password_env names."""
+    import postgres
+
+    return replace(config, history=replace(config.history, url=url, password_env=HISTORY_PASSWORD_ENV),
+                   secrets={**config.secrets, HISTORY_PASSWORD_ENV: postgres.PASSWORD})
+
+
 @pytest.fixture
 def dovecot(tmp_path):
     """A real Dovecot on loopback (tests/dovecot.py); skipped where it is not installed, but never in CI."""

@@ -348,9 +348,9 @@ def test_the_history_survives_a_restart_and_a_damaged_one_is_set_aside(tmp_path,
 @local
 async def test_the_history_forgets_what_is_older_than_keep_days(config):
     """Rows of a message received before keep_days are pruned (daily; at start too); newer ones stay."""
-    from esmail.history import Finished, History
+    from esmail.history import Finished, SqliteHistory
 
-    history = History(config.spool.path)
+    history = SqliteHistory(config.spool.path)
     old = time.strftime("%Y-%m-%dT%H:%M:%S+00:00", time.gmtime(time.time() - 10 * 86400))
     await history.record(Finished("old-1", old, "smtp", "stored", {"sheffield": "stored"}))
     history.close()

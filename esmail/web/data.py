@@ -14,7 +14,7 @@ from urllib.parse import quote
 
 from esmail import feeds, mail
 from esmail.config import Config
-from esmail.history import PAGE, QUEUED, Reader, since, timestamp
+from esmail.history import PAGE, QUEUED, History, since, timestamp
 from esmail.spool import SUFFIX, Spool
 
 CHART_DAYS = 30
@@ -35,11 +35,11 @@ def waiting(spool: Spool) -> dict[str, dict[str, list[str]]]:
     return found
 
 
-def overview(config: Config, spool: Spool, reader: Reader) -> dict:
+def overview(config: Config, spool: Spool, history: History) -> dict:
     """`GET /`: every declared feed and every prefix seen, the last 24 hours, the spool, and 30 days by outcome."""
     now = time.time()
-    rows = reader.prefixes()
-    recent = reader.counts_since(since(days=7))
+    rows = history.prefixes()
+    recent = history.counts_since(since(days=7))
     held = waiting(spool)
     declared = [feed.prefix for feed in config.feeds]
     seen = sorted(prefix for prefix, row in rows.items() if row["last_message"] and prefix not in declared)
@@ -57,8 +57,8 @@ def overview(config: Config, spool: Spool, reader: Reader) -> dict:
             "status": next(status for status in STATUSES if flags[status]),
             "waiting": {state: held[state].get(prefix, []) for state in ("failed", "quarantined")},
         })
-    totals = reader.totals_since(since(hours=24))
-    per_day = reader.per_day(CHART_DAYS)
+    totals = history.totals_since(since(hours=24))
+    per_day = history.per_day(CHART_DAYS)
     today = datetime.now(timezone.utc).date()
     days = [(today - timedelta(days=n)).isoformat() for n in range(CHART_DAYS - 1, -1, -1)]
     return {
@@ -70,7 +70,7 @@ def overview(config: Config, spool: Spool, reader: Reader) -> dict:
     }
 
 
-def messages(spool: Spool, reader: Reader, prefix: str = "", state: str = "", text: str = "", page: int = 1) -> dict:
+def messages(spool: Spool, history: History, prefix: str = "", state: str = "", text: str = "", page: int = 1) -> dict:
     """`GET /messages`: a page of messages, newest first. Queued ones come from the spool (the history has only finished ones)."""
     if state == QUEUED:
         found = [_from_spool(spool, entry_id, spool.queue, QUEUED) for entry_id in reversed(spool.pending())]
@@ -78,7 +78,7 @@ def messages(spool: Spool, reader: Reader, prefix: str = "", state: str = "", te
         start = (max(page, 1) - 1) * PAGE
         listed, more = found[start:start + PAGE], len(found) > start + PAGE
     else:
-        rows, more = reader.messages(prefix, state, text, page)
+        rows, more = history.messages(prefix, state, text, page)
         listed = [_listed(row) for row in rows]
     return {"messages": listed, "page": page, "next_page": page + 1 if more else None,
             "filters": {"prefix": prefix, "state": state, "q": text}}
@@ -117,9 +117,9 @@ def where_now(spool: Spool, entry_id: str) -> tuple[str, Path] | None:
     return None
 
 
-def message(spool: Spool, reader: Reader, entry_id: str) -> dict | None:
+def message(spool: Spool, history: History, entry_id: str) -> dict | None:
     """`GET /messages/{id}`: the message, its outcomes and every object it stored; None when neither history nor spool knows it."""
-    row, prefixes, files, outcomes = reader.message(entry_id)
+    row, prefixes, files, outcomes = history.message(entry_id)
     now = where_now(spool, entry_id)
     if row is None:
         if now is None:

@@ -16,7 +16,7 @@ from jinja2 import Environment, FileSystemLoader, StrictUndefined
 
 from esmail.config import describe_age, describe_duration
 from esmail.errors import TemporaryFailure
-from esmail.history import STATES, Reader
+from esmail.history import STATES
 from esmail.web import data
 from esmail.web.access import CSRF_FIELD, check_csrf, csrf_token
 from esmail.web.chart import daily_bars
@@ -39,7 +39,7 @@ class Views:
         self.daemon = daemon
         self.config = daemon.config
         self.spool = daemon.spool
-        self.reader = Reader(daemon.spool.path)
+        self.history = daemon.history
         self.templates = Environment(loader=FileSystemLoader(HERE / "templates"), autoescape=True, undefined=StrictUndefined)
         self.templates.filters.update(when=_when, ago=_ago, size=_size, every=_every)
         self.buckets = {self.config.buckets.named(logical): logical for logical in ("inbox", "amr_data", "unprocessable")}
@@ -47,11 +47,11 @@ class Views:
     # --- pages -----------------------------------------------------------------
 
     async def feeds(self, request: web.Request) -> web.Response:
-        overview = await asyncio.to_thread(data.overview, self.config, self.spool, self.reader)
+        overview = await asyncio.to_thread(data.overview, self.config, self.spool, self.history)
         return self._render(request, "feeds.html", chart=daily_bars(overview["days"]), **overview)
 
     async def messages(self, request: web.Request) -> web.Response:
-        listed = await asyncio.to_thread(data.messages, self.spool, self.reader, *self._filters(request))
+        listed = await asyncio.to_thread(data.messages, self.spool, self.history, *self._filters(request))
         prefixes = await asyncio.to_thread(self._known_prefixes)
         return self._render(request, "messages.html", states=STATES, prefixes=prefixes, **listed)
 
@@ -111,10 +111,10 @@ class Views:
     # --- JSON ----------------------------------------------------------------------
 
     async def api_feeds(self, request: web.Request) -> web.Response:
-        return web.json_response(await asyncio.to_thread(data.overview, self.config, self.spool, self.reader))
+        return web.json_response(await asyncio.to_thread(data.overview, self.config, self.spool, self.history))
 
     async def api_messages(self, request: web.Request) -> web.Response:
-        return web.json_response(await asyncio.to_thread(data.messages, self.spool, self.reader, *self._filters(request)))
+        return web.json_response(await asyncio.to_thread(data.messages, self.spool, self.history, *self._filters(request)))
 
     async def api_message(self, request: web.Request) -> web.Response:
         return web.json_response(await self._message(request))
@@ -124,11 +124,11 @@ class Views:
     def _render(self, request: web.Request, template: str, **context) -> web.Response:
         html = self.templates.get_template(template).render(
             stage=self.config.stage, csrf_field=CSRF_FIELD, csrf=csrf_token(request), note=NOTES.get(request.query.get("done", "")),
-            **context)
+            history_problem=self.history.problem(), history_backlog=self.history.backlog(), **context)
         return web.Response(text=html, content_type="text/html", charset="utf-8")
 
     async def _message(self, request: web.Request) -> dict:
-        found = await asyncio.to_thread(data.message, self.spool, self.reader, self._id(request))
+        found = await asyncio.to_thread(data.message, self.spool, self.history, self._id(request))
         if found is None:
             raise web.HTTPNotFound(text="404: no such message in the history or the spool\n")
         return found
@@ -153,7 +153,7 @@ class Views:
         return query.get("prefix", "").strip().lower()[:100], state, query.get("q", "").strip()[:200], page
 
     def _known_prefixes(self) -> list[str]:
-        return sorted({feed.prefix for feed in self.config.feeds} | set(self.reader.prefixes()))
+        return sorted({feed.prefix for feed in self.config.feeds} | set(self.history.prefixes()))
 
 
 def _safe_key(key: str) -> bool:

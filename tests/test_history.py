@@ -1,0 +1,137 @@
+"""The history's two backends (DESIGN §13, §17): the same records read back from SQLite and from a real PostgreSQL,
+and PostgreSQL never on the mail path (a journal in the spool while the database is away)."""
+
+from __future__ import annotations
+
+import asyncio
+import threading
+import time
+from dataclasses import replace
+
+import pytest
+
+from conftest import with_history
+from esmail.config import Config, SpoolConfig
+from esmail.history import FileRow, Finished, open_history
+from esmail.history.journal import FOLDER
+
+
+def finished(n: int, outcome: str = "stored", prefix: str = "sheffield", received: str = "2026-12-01T10:00:00+00:00") -> Finished:
+    return Finished(f"20261201-100000-{n:08x}", received, "smtp", outcome, {prefix: outcome}, client="192.0.2.7",
+                    mail_from="exports@npower.example", header_from="Readings <exports@npower.example>", subject=f"readings {n}",
+                    size=1000 + n, files=[FileRow(prefix, "amr_data", f"export-{n}.csv", "csv", "csv", "t-amr", f"{prefix}/x/export-{n}.csv", 10 + n)])
+
+
+@pytest.fixture(params=["sqlite", "postgres"])
+def backend(request, tmp_path) -> Config:
+    """A config whose history is in each backend."""
+    config = Config(spool=SpoolConfig(path=tmp_path / "spool", min_free=0))
+    if request.param == "postgres":
+        config = with_history(config, request.getfixturevalue("history_url"))
+    return config
+
+
+async def settled(history, timeout: float = 20.0) -> None:
+    deadline = time.monotonic() + timeout
+    while history.backlog() and time.monotonic() < deadline:
+        await asyncio.sleep(0.05)
+    assert history.backlog() == 0
+
+
+async def test_both_backends_read_back_what_the_worker_wrote(backend):
+    """Messages, their prefixes, files and outcomes (a failure, then its retry), newest first, searched by file name,
+    read back the same from SQLite and PostgreSQL; each row carries the host."""
+    history = open_history(replace(backend, smtp=replace(backend.smtp, hostname="mx1.example")))
+    try:
+        for n in range(3):
+            await history.record(finished(n, received=f"2026-12-01T10:00:0{n}+00:00"))
+        await history.record(finished(7, outcome="failed", prefix="leeds"))
+        await history.record(finished(7, prefix="leeds"))
+        await settled(history)
+        rows, more = history.messages()
+        assert [r["subject"] for r in rows] == ["readings 2", "readings 1", "readings 7", "readings 0"] and not more
+        assert {r["host"] for r in rows} == {"mx1.example"}
+        assert [r["prefix_list"] for r in history.messages(prefix="leeds")[0]] == ["leeds"]
+        assert [r["subject"] for r in history.messages(text="EXPORT-1")[0]] == ["readings 1"]
+        row, prefixes, files, outcomes = history.message("20261201-100000-00000007")
+        assert row["state"] == "stored" and [o["outcome"] for o in outcomes] == ["failed", "retried"]
+        assert [(f["name"], f["bytes"]) for f in files] == [("export-7.csv", 17)]
+        assert history.prefixes()["sheffield"]["last_csv"] == "2026-12-01T10:00:02+00:00"
+        assert history.counts_since("2026-11-30") == {"sheffield": 3, "leeds": 1}
+    finally:
+        history.close()
+
+
+async def test_the_worker_never_waits_for_a_database_that_is_away_and_nothing_is_lost(tmp_path, postgres_server, history_url):
+    """With the database stopped, recording returns at once and rows wait in the spool's journal (the backlog says how
+    many, problem() says since when), also across a restart of esmail; once it is back, every row is written in order."""
+    config = with_history(Config(spool=SpoolConfig(path=tmp_path / "spool", min_free=0)), history_url)
+    history = open_history(config)
+    await history.record(finished(0))
+    await settled(history)
+    postgres_server.stop()
+    try:
+        started = time.monotonic()
+        for n in range(1, 41):
+            await history.record(finished(n))
+        assert time.monotonic() - started < 1.0  # 40 rows, not 40 timeouts
+        deadline = time.monotonic() + 30
+        while history.problem() is None and time.monotonic() < deadline:
+            await asyncio.sleep(0.05)
+        assert "unreachable since" in history.problem()
+        assert history.backlog() == 40
+        assert history.messages() == ([], False)  # the page says why rather than wait
+        history.close()  # a restart of esmail meanwhile: the rows stay in the journal
+        assert sum(1 for path in (tmp_path / "spool" / FOLDER).iterdir() for _ in path.open()) == 40
+        history = open_history(config)
+        await history.record(finished(41))
+        assert history.backlog() == 41
+    finally:
+        postgres_server.start()
+    await settled(history, timeout=30)
+    assert history.problem() is None
+    history.close()
+    rows = postgres_server.sql("SELECT subject FROM messages ORDER BY seq", database=history_url.rsplit("/", 1)[1])
+    assert [r[0] for r in rows] == [f"readings {n}" for n in range(42)]
+    assert list((tmp_path / "spool" / FOLDER).iterdir()) == []
+
+
+async def test_two_hosts_starting_together_on_an_empty_database_both_come_up(tmp_path, history_url):
+    """Both make (or find) the schema: the advisory lock has them take turns; both write."""
+    configs = [with_history(Config(spool=SpoolConfig(path=tmp_path / name, min_free=0)), history_url) for name in ("a", "b")]
+    histories = []
+    barrier = threading.Barrier(2)
+
+    def start(config):
+        barrier.wait()
+        histories.append(open_history(config))
+
+    threads = [threading.Thread(target=start, args=(c,)) for c in configs]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    try:
+        for n, history in enumerate(histories):
+            await history.record(finished(n))
+        for history in histories:
+            await settled(history)
+        assert [h.problem() for h in histories] == [None, None]
+        assert len(histories[0].messages()[0]) == 2
+    finally:
+        for history in histories:
+            history.close()
+
+
+def test_a_password_in_the_url_is_a_config_error_that_does_not_echo_it(tmp_path):
+    """[history] url with a password (in the authority or as a parameter): refused, naming the key and the fix, never the password."""
+    from esmail.config import load
+    from esmail.errors import ConfigError
+
+    for url in ("postgresql://esmail:hunter22@db.example.org/esmail", "postgresql://db.example.org/esmail?password=hunter22"):
+        path = tmp_path / "esmail.toml"
+        path.write_text(f'[history]\nurl = "{url}"\n')
+        with pytest.raises(ConfigError) as error:
+            load(path, environ={})
+        assert "[history] url holds a password" in str(error.value) and "password_env" in str(error.value)
+        assert "hunter22" not in str(error.value)
