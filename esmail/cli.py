@@ -116,6 +116,17 @@ def _parser() -> argparse.ArgumentParser:
     ingest.add_argument("--recipient", metavar="ADDR", help="envelope recipient, e.g. sheffield@datafeeds.example.org (default: from the headers)")
     ingest.set_defaults(run=_run(_ingest), writes=True)
 
+    history = commands.add_parser("history", parents=[common], help="the history: copy this host's into PostgreSQL",
+                                  description="The history behind the page (docs/many-hosts.md).")
+    history_commands = history.add_subparsers(title="history commands", required=True, metavar="ACTION")
+    history_copy = history_commands.add_parser(
+        "copy", parents=[common], help="copy this host's SQLite history into a PostgreSQL database (moving to several hosts)",
+        description="Copy {spool}/history.sqlite (every message, file, outcome and feed summary) into the PostgreSQL database at "
+                    "URL, made or brought up to date first. Safe to run twice. The password: [history] password_env's variable, "
+                    "else PGPASSWORD or ~/.pgpass (never in the URL).")
+    history_copy.add_argument("--to", required=True, metavar="URL", help="e.g. postgresql://esmail@db.example.org/esmail?sslmode=verify-full")
+    history_copy.set_defaults(run=_history_copy)
+
     convert = commands.add_parser("convert", parents=[common], help="run the conversion chain alone on local files",
                                   description="Convert files (csv, xlsx, xls, xlsb, ods, zip, winmail.dat, and disguised ones, "
                                               "decided by content as in the daemon) to normalised CSV files in a folder.")
@@ -245,6 +256,33 @@ def _read_message(name: str, limit: int) -> bytes | None:
         print(f"esmail ingest: {name}: {'over ' if name == '-' else ''}{size:,} bytes is over [smtp] max_message_size ({limit:,})", file=sys.stderr)
         return None
     return raw
+
+
+def _history_copy(config: Config, args) -> int:
+    from esmail.history import host_name
+
+    try:
+        url = config_module.database_url(args.to)
+    except ValueError as exc:
+        print(f"esmail history copy: --to {exc if isinstance(exc, config_module.SecretError) else 'must be a postgresql:// URL'}",
+              file=sys.stderr)
+        return 2
+    source = config.spool.path / "history.sqlite"
+    if not source.is_file():
+        print(f"esmail history copy: there is no history at {source} ([spool] path)", file=sys.stderr)
+        return 1
+    import psycopg
+
+    from esmail.history.copy import copy
+
+    password = config.secrets.get(config.history.password_env) if config.history.password_env else None
+    try:
+        count = copy(config.spool.path, host_name(config), url, password)
+    except psycopg.Error as exc:
+        print(f"esmail history copy: {url}: {str(exc).strip()}", file=sys.stderr)
+        return 1
+    print(f"copied {count:,} message{'' if count == 1 else 's'} from {source} to {url}")
+    return 0
 
 
 def _convert(config: Config, args) -> int:

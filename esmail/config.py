@@ -394,7 +394,7 @@ def _domains(v: Any) -> tuple[str, ...]:
     return domains
 
 
-def _database_url(v: Any) -> str:
+def database_url(v: Any) -> str:
     """A `postgresql://` URL with no password in it (the password comes from the environment, PGPASSWORD or ~/.pgpass)."""
     from urllib.parse import parse_qs, urlsplit
 
@@ -402,12 +402,12 @@ def _database_url(v: Any) -> str:
     if parts.scheme not in ("postgresql", "postgres") or not parts.hostname and not parts.path.strip("/"):
         raise ValueError
     if parts.password is not None or "password" in parse_qs(parts.query):
-        raise _Secret("[history] url holds a password: take it out of the URL and put it in the environment variable that "
+        raise SecretError("holds a password: take it out of the URL and put it in the environment variable that "
                       "[history] password_env names (or PGPASSWORD, or ~/.pgpass); the config file is no place for secrets")
     return v
 
 
-class _Secret(ValueError):
+class SecretError(ValueError):
     """A secret where it must not be: said without the value (the message is the whole error)."""
 
 
@@ -461,7 +461,7 @@ _SCHEMA: dict[str, dict[str, tuple[Any, str]]] = {
     },
     "history": {
         "keep_days": (_seconds, "a number of days greater than 0"),
-        "url": (_database_url, 'a PostgreSQL URL without a password, e.g. "postgresql://esmail@db.example.org:5432/esmail?sslmode=verify-full"'),
+        "url": (database_url, 'a PostgreSQL URL without a password, e.g. "postgresql://esmail@db.example.org:5432/esmail?sslmode=verify-full"'),
         "password_env": (_str, 'the name of the environment variable that holds the database password, e.g. "ESMAIL_HISTORY_PASSWORD"'),
     },
     "rollbar": {"endpoint": (_str, 'the API URL, "https://api.rollbar.com/api/1/" unless you run your own')},
@@ -559,8 +559,8 @@ def _converted(table: dict[str, Any], schema: dict[str, tuple[Any, str]], name: 
         convert, expected = schema[key]
         try:
             values[key] = convert(raw)
-        except _Secret as exc:
-            raise ConfigError(f"{where}: {exc}") from None
+        except SecretError as exc:
+            raise ConfigError(f"{where}: {name} {key} {exc}") from None
         except (TypeError, ValueError) as exc:
             detail = f" ({exc})" if isinstance(exc, _Why) else ""
             hint = " (a number: write it without quotes)" if isinstance(raw, str) and _is_number(raw) else ""

@@ -17,6 +17,8 @@ from concurrent.futures import ThreadPoolExecutor
 
 from esmail import feeds, logs, metrics, report
 from esmail.config import Config, describe_duration
+from esmail.errors import ActionRefused
+from esmail import history
 from esmail.history import open_history, timestamp
 from esmail.imap import Mailbox, login_for
 from esmail.receivers import Receivers
@@ -71,6 +73,7 @@ class Daemon:
         await self.history.declare([feed.prefix for feed in self.config.feeds])
         housekeeping = asyncio.create_task(self._housekeeping())
         watching = asyncio.create_task(self._watch_feeds())
+        requests = asyncio.create_task(self._take_requests())
         heartbeat = None
         self._loop = asyncio.get_running_loop()
         watchers = ThreadPoolExecutor(max(len(self.mailboxes), 1), thread_name_prefix="imap")
@@ -103,6 +106,7 @@ class Daemon:
                 heartbeat.cancel()
             housekeeping.cancel()
             watching.cancel()
+            requests.cancel()
             scheduler.cancel()
             if not await self.scheduler.finish(WORKER_GRACE):
                 log.warning("entries still in progress stay in the spool for the next start")
@@ -167,14 +171,63 @@ class Daemon:
                 metrics.FEED_LATE.labels(feed.prefix).set(int(is_late))
                 quiet = f"nothing since {row['last_message']}" if last else "nothing yet"
                 if is_late and feed.prefix not in late:
+                    first = await self.history.mark_late(feed.prefix, history.now_text())  # one host says it: the first to mark it
+                    if first is None:
+                        continue  # the history cannot say now; look again next time
                     late.add(feed.prefix)
-                    log.warning("feed %s is late: %s, and it expects mail every %s", feed.prefix, quiet, describe_duration(feed.expected_every),
-                                extra={"prefixes": [feed.prefix]})
-                    report.problem("a feed is late", "warning", prefix=feed.prefix, last_message=row["last_message"] if last else "never")
+                    if first:
+                        log.warning("feed %s is late: %s, and it expects mail every %s", feed.prefix, quiet,
+                                    describe_duration(feed.expected_every), extra={"prefixes": [feed.prefix]})
+                        report.problem("a feed is late", "warning", prefix=feed.prefix, last_message=row["last_message"] if last else "never")
                 elif not is_late and feed.prefix in late:
+                    forgot = await self.history.mark_on_time(feed.prefix)
+                    if forgot is None:
+                        continue
                     late.discard(feed.prefix)
-                    log.info("feed %s is on time again: a message arrived %s", feed.prefix, row["last_message"], extra={"prefixes": [feed.prefix]})
+                    if forgot:
+                        log.info("feed %s is on time again: a message arrived %s", feed.prefix, row["last_message"],
+                                 extra={"prefixes": [feed.prefix]})
             await asyncio.sleep(every)
+
+    async def _take_requests(self) -> None:
+        """Retries and releases that the page of another host asked of this one (a shared history, DESIGN §17)."""
+        if not self.history.shared:
+            return
+        waiting = asyncio.Event()
+        self.history.watch_requests(lambda: self._loop.call_soon_threadsafe(waiting.set))
+        while True:
+            await waiting.wait()
+            waiting.clear()
+            for request in await asyncio.to_thread(self.history.requests):
+                by = f"{request['by']} on {request['requested_from']}"
+                try:
+                    outcome = await self.act(request["id"], request["action"], by)
+                except ActionRefused as exc:
+                    outcome = f"not done: {exc}"
+                await self.history.done(request["seq"], outcome)
+
+    async def act(self, entry_id: str, action: str, by: str) -> str:
+        """Retry a failed entry or release a quarantined one, for a person (`by`): back to the queue and to the worker at once.
+        What came of it, for people; ActionRefused when the entry is not where the action needs it."""
+        spool = self.spool
+        if action == "retry":
+            if entry_id not in await asyncio.to_thread(spool.failed_ids):
+                raise ActionRefused(f"{entry_id} is not waiting in failed/ on {self.history.host} (already retried?)")
+            await asyncio.to_thread(spool.retry, [entry_id])
+            outcome = "queued again: the worker takes it now"
+        elif action == "release":
+            if entry_id not in await asyncio.to_thread(spool.quarantined_ids):
+                raise ActionRefused(f"{entry_id} is not waiting in quarantine/ on {self.history.host} (already released?)")
+            try:
+                await asyncio.to_thread(spool.release, [entry_id])
+            except FileExistsError:
+                raise ActionRefused(f"{entry_id} is still being processed; try again in a moment") from None
+            outcome = "released: processed now as if its feed had let it through"
+        else:
+            raise ActionRefused(f"no such action: {action}")
+        log.info("%s: %s by %s", entry_id, "retried" if action == "retry" else "released", by, extra={"spool_id": entry_id})
+        self.scheduler.submit(entry_id)
+        return outcome
 
     def _announce(self) -> None:
         smtp = self.config.smtp

@@ -5,7 +5,8 @@
     ├── Unprocessable      this file cannot be converted: store the original in unprocessable
     ├── TemporaryFailure   try again later (storage outage, full disk); nothing is lost meanwhile
     │   └── ConversionCrashed  a conversion process died: retried alone, then given up on
-    └── CannotListen       a configured port cannot be bound (in use, or below 1024 without the capability)
+    ├── CannotListen       a configured port cannot be bound (in use, or below 1024 without the capability)
+    └── ActionRefused      a retry or release asked for an entry that is not (or no longer) where it needs to be
 """
 
 import os
@@ -25,6 +26,10 @@ class Unprocessable(EsmailError):
 
 class TemporaryFailure(EsmailError):
     """Storage or the spool failed in a way that may pass; the work must be retried."""
+
+
+class ActionRefused(EsmailError):
+    """A person's retry or release cannot be done: the entry is not where the action needs it (409 on the page)."""
 
 
 class ConversionCrashed(TemporaryFailure):

@@ -135,3 +135,45 @@ def test_a_password_in_the_url_is_a_config_error_that_does_not_echo_it(tmp_path)
             load(path, environ={})
         assert "[history] url holds a password" in str(error.value) and "password_env" in str(error.value)
         assert "hunter22" not in str(error.value)
+
+
+async def test_history_copy_moves_a_hosts_sqlite_history_into_postgresql_and_is_safe_to_run_twice(tmp_path, postgres_server, history_url):
+    """`esmail history copy --to URL`: every message with its prefixes, files and outcomes, read back from PostgreSQL
+    as SQLite had them, each with this host's name; run again, nothing is doubled."""
+    import os
+    import subprocess
+    import sys
+
+    import postgres
+    from conftest import HISTORY_PASSWORD_ENV
+    from esmail.history import SqliteHistory
+
+    spool = tmp_path / "spool"
+    sqlite = SqliteHistory(spool, host="")  # rows written before messages carried a host
+    for n in range(3):
+        await sqlite.record(finished(n, received=f"2026-12-01T10:00:0{n}+00:00"))
+    await sqlite.record(finished(9, outcome="failed", prefix="leeds"))
+    await sqlite.record(finished(9, prefix="leeds"))
+    sqlite.close()
+    toml = tmp_path / "esmail.toml"
+    toml.write_text(f'[smtp]\nhostname = "mx-old.example"\n[spool]\npath = "{spool}"\n[history]\npassword_env = "{HISTORY_PASSWORD_ENV}"\n')
+    toml.write_text(toml.read_text().replace('[history]\n', f'[history]\nurl = "{history_url}"\n'))
+    env = {**os.environ, HISTORY_PASSWORD_ENV: postgres.PASSWORD}
+    for _ in range(2):
+        done = subprocess.run([sys.executable, "-m", "esmail", "--config", str(toml), "history", "copy", "--to", history_url],
+                              capture_output=True, text=True, env=env, timeout=60)
+        assert done.returncode == 0, done.stderr
+        assert done.stdout.strip() == f"copied 4 messages from {spool / 'history.sqlite'} to {history_url}"
+    shared = open_history(with_history(Config(spool=SpoolConfig(path=tmp_path / "other", min_free=0)), history_url))
+    try:
+        rows, _ = shared.messages()
+        assert [(r["subject"], r["host"]) for r in rows] == [(f"readings {n}", "mx-old.example") for n in (2, 1, 9, 0)]
+        _, prefixes, files, outcomes = shared.message(finished(9).id)
+        assert [o["outcome"] for o in outcomes] == ["failed", "retried"]
+        assert [(p["prefix"], p["state"]) for p in prefixes] == [("leeds", "stored")] and [f["name"] for f in files] == ["export-9.csv"]
+        assert shared.prefixes()["sheffield"]["last_csv"] == "2026-12-01T10:00:02+00:00"
+    finally:
+        shared.close()
+    done = subprocess.run([sys.executable, "-m", "esmail", "--config", str(toml), "history", "copy", "--to",
+                           history_url.replace("esmail@", "esmail:hunter22@")], capture_output=True, text=True, env=env, timeout=60)
+    assert done.returncode == 2 and "holds a password" in done.stderr and "hunter22" not in done.stderr

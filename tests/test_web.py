@@ -57,8 +57,9 @@ def send(server: RunningDaemon, raw: bytes, *rcpts: str) -> str:
 class Browser:
     """urllib with a cookie jar and, when given, HTTP Basic: what a person's browser does, without JavaScript."""
 
-    def __init__(self, server: RunningDaemon, password: str | None = None):
-        self.base = f"http://127.0.0.1:{server.daemon.monitor.port}"
+    def __init__(self, server: RunningDaemon | str, password: str | None = None):
+        """`server`: a daemon in this process, or the page's base URL (another process's)."""
+        self.base = server if isinstance(server, str) else f"http://127.0.0.1:{server.daemon.monitor.port}"
         self.jar = http.cookiejar.CookieJar()
         self.opener = urllib.request.build_opener(urllib.request.HTTPCookieProcessor(self.jar), _NoRedirect)
         self.password = password

@@ -137,12 +137,34 @@ def write_pruned(db: Db, keep_days: float) -> None:
         log.info("history: forgot %d message%s received over %g days ago ([history] keep_days)", pruned, "" if pruned == 1 else "s", keep_days)
 
 
+def write_late(db: Db, prefix: str, since: str, host: str) -> bool:
+    """Record that a feed is late; True for the host that recorded it first (it reports; the others stay quiet)."""
+    return db.run("INSERT INTO late_feeds (prefix, since, host) VALUES (?, ?, ?) ON CONFLICT DO NOTHING", (prefix, since, host)).rowcount == 1
+
+
+def write_on_time(db: Db, prefix: str) -> bool:
+    """Forget a feed's lateness; True for the host that forgot it (it says the feed is on time again)."""
+    return db.run("DELETE FROM late_feeds WHERE prefix = ?", (prefix,)).rowcount == 1
+
+
+def write_request(db: Db, entry_id: str, host: str, action: str, by: str, from_host: str) -> bool:
+    """Ask `host`, which holds the entry in its spool, to retry or release it."""
+    db.run("INSERT INTO actions (id, host, action, by, requested, requested_from) VALUES (?, ?, ?, ?, ?, ?)",
+           (entry_id, host, action, by, now_text(), from_host))
+    return True
+
+
+def write_done(db: Db, seq: int, outcome: str) -> None:
+    db.run("UPDATE actions SET done = ?, outcome = ? WHERE seq = ?", (now_text(), outcome, seq))
+
+
 class History(ABC):
     """What the worker writes and the page reads. Writing never raises and never holds a message up;
     reading answers empty (and logs) when the history cannot be read."""
 
     SEQ = "rowid"  # the column that orders rows as they were written
     LIKE = "LIKE"  # case-insensitive LIKE
+    shared = False  # True: other hosts write here too (their messages are listed; actions on them are requests)
 
     def __init__(self, host: str):
         self.host = host
@@ -165,6 +187,37 @@ class History(ABC):
     def close(self) -> None:
         """Write what waits (or keep it for the next start) and let go of connections."""
 
+    @abstractmethod
+    async def _decide(self, write: Callable, *args) -> Any:
+        """`write(db, *args)` in a transaction, now, for its answer; None when the history cannot be written now."""
+
+    async def mark_late(self, prefix: str, since: str) -> bool | None:
+        """Record a feed's lateness: True when this host is the first to (it reports), None when it cannot be said now."""
+        return await self._decide(write_late, prefix, since, self.host)
+
+    async def mark_on_time(self, prefix: str) -> bool | None:
+        """Forget a feed's lateness: True when this host is the one that did (it says so)."""
+        return await self._decide(write_on_time, prefix)
+
+    async def request(self, entry_id: str, host: str, action: str, by: str) -> bool:
+        """Ask another host to retry or release an entry its spool holds; False when the request cannot be written now."""
+        return await self._decide(write_request, entry_id, host, action, by, self.host) is not None
+
+    async def done(self, seq: int, outcome: str) -> None:
+        """Say what came of a request this host was asked."""
+        await self._decide(write_done, seq, outcome)
+
+    def requests(self) -> list[dict]:
+        """Requests for this host that wait, oldest first."""
+        return self._rows(None, f"SELECT * FROM actions WHERE host = ? AND done IS NULL ORDER BY {self.SEQ}", self.host)
+
+    def actions(self, entry_id: str) -> list[dict]:
+        """Every request made about a message, oldest first, with its outcome once the host that holds it acted."""
+        return self._rows(None, f"SELECT * FROM actions WHERE id = ? ORDER BY {self.SEQ}", entry_id)
+
+    def watch_requests(self, wake: Callable[[], None]) -> None:
+        """Call `wake()` (from another thread) whenever another host may have asked something of this one."""
+
     @staticmethod
     def new_event() -> str:
         """The identity of one outcome as written: a row handed over twice is written once."""
@@ -185,7 +238,8 @@ class History(ABC):
     @abstractmethod
     def _read(self, function: Callable[[Db], Any], key: tuple) -> Any:
         """`function(db)` on a reading connection; None when the history cannot be read (logged).
-        `key` names the question, for a backend that answers from what it last read while its database is away."""
+        `key` names the question, for a backend that answers from what it last read while its database is away
+        (None: a question whose old answer is no answer)."""
 
     def _rows(self, key: tuple, sql: str, *args) -> list:
         return self._read(lambda db: [dict(row) for row in db.run(sql, args).fetchall()], key) or []
@@ -213,9 +267,12 @@ class History(ABC):
             found.setdefault(row["day"], {})[row["state"]] = row["n"]
         return found
 
-    def messages(self, prefix: str = "", state: str = "", text: str = "", page: int = 1) -> tuple[list[dict], bool]:
+    def messages(self, prefix: str = "", state: str = "", text: str = "", page: int = 1, host: str = "") -> tuple[list[dict], bool]:
         """A page of messages, newest first (each with its `prefix_list`), and whether there is a next page."""
         where, args = [], []
+        if host:
+            where.append("host = ?")
+            args.append(host)
         if prefix:
             where.append("id IN (SELECT id FROM message_prefixes WHERE prefix = ?)")
             args.append(prefix)
@@ -241,7 +298,7 @@ class History(ABC):
                     listed.setdefault(row["id"], []).append(row["prefix"])
             return [{**row, "prefix_list": ",".join(listed.get(row["id"], []))} for row in rows]
 
-        rows = self._read(read, ("messages", prefix, state, text, page)) or []
+        rows = self._read(read, ("messages", prefix, state, text, page, host)) or []
         return rows[:PAGE], len(rows) > PAGE
 
     def message(self, entry_id: str) -> tuple[Any, list, list, list]:
@@ -254,6 +311,10 @@ class History(ABC):
                 f"SELECT * FROM outcomes WHERE id = ? ORDER BY {self.SEQ}")))
 
         return self._read(read, ("message", entry_id)) or (None, [], [], [])
+
+    def hosts(self) -> list[str]:
+        """Every host whose messages the history holds."""
+        return [row["host"] for row in self._rows(("hosts",), "SELECT DISTINCT host FROM messages WHERE host <> '' ORDER BY host")]
 
 
 def since(**delta: float) -> str:

@@ -50,6 +50,12 @@ _MIGRATIONS = {
 ALTER TABLE messages ADD COLUMN host TEXT NOT NULL DEFAULT '';
 ALTER TABLE outcomes ADD COLUMN event TEXT;
 CREATE UNIQUE INDEX outcomes_by_event ON outcomes (event);
+CREATE TABLE late_feeds (prefix TEXT PRIMARY KEY, since TEXT NOT NULL, host TEXT NOT NULL);
+CREATE TABLE actions (
+    seq INTEGER PRIMARY KEY AUTOINCREMENT, id TEXT NOT NULL, host TEXT NOT NULL, action TEXT NOT NULL, by TEXT NOT NULL,
+    requested TEXT NOT NULL, requested_from TEXT NOT NULL, done TEXT, outcome TEXT);
+CREATE INDEX actions_by_host ON actions (host, done);
+CREATE INDEX actions_by_message ON actions (id);
 """,
 }
 
@@ -152,7 +158,10 @@ class SqliteHistory(History):
 
     # --- reading: a connection of its own per use ----------------------------------
 
-    def _read(self, function: Callable[[Db], Any], key: tuple) -> Any:
+    async def _decide(self, write: Callable, *args) -> Any:
+        return await self._run(self._in_transaction, write, *args)
+
+    def _read(self, function: Callable[[Db], Any], key: tuple | None) -> Any:
         if not self.path.exists():  # no history yet
             return None
         try:

@@ -57,6 +57,19 @@ def middlewares(password: str | None) -> list:
     return [strict, basic_auth]
 
 
+def who(request: web.Request) -> str:
+    """The person acting: the HTTP Basic user name they gave, or `local` when the page has no password."""
+    scheme, _, encoded = request.headers.get("Authorization", "").partition(" ")
+    if scheme.lower() == "basic":
+        try:
+            name = base64.b64decode(encoded, validate=True).decode("utf-8").partition(":")[0].strip()
+        except (binascii.Error, UnicodeDecodeError):
+            name = ""
+        if name:
+            return "".join(c for c in name if c.isprintable())[:64]
+    return "local"
+
+
 def _authorised(request: web.Request, password: str) -> bool:
     """HTTP Basic with any user name and the configured password."""
     scheme, _, encoded = request.headers.get("Authorization", "").partition(" ")

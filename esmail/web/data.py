@@ -70,18 +70,20 @@ def overview(config: Config, spool: Spool, history: History) -> dict:
     }
 
 
-def messages(spool: Spool, history: History, prefix: str = "", state: str = "", text: str = "", page: int = 1) -> dict:
-    """`GET /messages`: a page of messages, newest first. Queued ones come from the spool (the history has only finished ones)."""
+def messages(spool: Spool, history: History, prefix: str = "", state: str = "", text: str = "", page: int = 1, host: str = "") -> dict:
+    """`GET /messages`: a page of messages, newest first. Queued ones come from this host's spool (the history has only
+    finished ones, of every host that shares it)."""
     if state == QUEUED:
-        found = [_from_spool(spool, entry_id, spool.queue, QUEUED) for entry_id in reversed(spool.pending())]
-        found = [m for m in found if m and (not prefix or prefix in m["prefixes"]) and _matches(m, text)]
+        found = [_from_spool(spool, entry_id, spool.queue, QUEUED) for entry_id in reversed(spool.pending())] \
+            if host in ("", history.host) else []
+        found = [{**m, "host": history.host} for m in found if m and (not prefix or prefix in m["prefixes"]) and _matches(m, text)]
         start = (max(page, 1) - 1) * PAGE
         listed, more = found[start:start + PAGE], len(found) > start + PAGE
     else:
-        rows, more = history.messages(prefix, state, text, page)
+        rows, more = history.messages(prefix, state, text, page, host)
         listed = [_listed(row) for row in rows]
     return {"messages": listed, "page": page, "next_page": page + 1 if more else None,
-            "filters": {"prefix": prefix, "state": state, "q": text}}
+            "filters": {"prefix": prefix, "state": state, "q": text, "host": host}}
 
 
 def _matches(message: dict, text: str) -> bool:
@@ -90,7 +92,7 @@ def _matches(message: dict, text: str) -> bool:
 
 
 def _listed(row) -> dict:
-    return {"id": row["id"], "received": row["received"], "origin": row["origin"], "from": row["header_from"],
+    return {"id": row["id"], "host": row["host"], "received": row["received"], "origin": row["origin"], "from": row["header_from"],
             "mail_from": row["mail_from"], "subject": row["subject"], "prefixes": (row["prefix_list"] or "").split(",") if row["prefix_list"] else [],
             "size": row["size"], "state": row["state"], "reason": row["reason"]}
 
@@ -104,7 +106,7 @@ def _from_spool(spool: Spool, entry_id: str, folder: Path, state: str) -> dict |
             headers = mail.parse_headers(file.read(64 * 1024))
     except (OSError, ValueError):
         return None
-    return {"id": entry_id, "received": envelope.received, "origin": envelope.origin, "from": mail.header_text(headers, "From"),
+    return {"id": entry_id, "host": "", "received": envelope.received, "origin": envelope.origin, "from": mail.header_text(headers, "From"),
             "mail_from": envelope.sender, "subject": mail.header_text(headers, "Subject"), "prefixes": list(envelope.held or envelope.folders),
             "size": None, "state": state, "reason": spool.read_state(entry_id).last_error or "; ".join(envelope.held.values())}
 
@@ -147,8 +149,33 @@ def message(spool: Spool, history: History, entry_id: str) -> dict | None:
             found["reason"] = "; ".join(f"{prefix}: {reason}" for prefix, reason in held.items())
         elif now[0] == "failed":
             found["reason"] = spool.read_state(entry_id).reason or found["reason"]
-    found["actions"] = {"retry": bool(now and now[0] == "failed"), "release": bool(now and now[0] == "quarantined")}
+    held_by = history.host if now is not None else _holder(history, row, prefixes)
+    found["host"] = row["host"] if row is not None and row["host"] else history.host
+    found["held_by"] = held_by  # the host whose spool holds it now (it acts on a retry or release); None: finished
+    waits = now[0] if now is not None else (row["state"] if held_by else None)
+    if held_by and waits != "quarantined" and any(p["state"] == "quarantined" for p in prefixes):
+        waits = "quarantined"  # quarantined for one feed, stored for another
+    found["actions"] = {"retry": waits == "failed", "release": waits == "quarantined"}
+    found["requests"] = [{k: r[k] for k in ("action", "by", "requested", "requested_from", "host", "done", "outcome")}
+                         for r in history.actions(entry_id)] if history.shared else []
     return found
+
+
+def holder(history: History, entry_id: str, action: str) -> str | None:
+    """The other host whose spool holds the entry waiting for `action` (retry: failed; release: quarantined), as the
+    shared history says; None when no other host does (or the history is this host's alone)."""
+    row, prefixes, _, _ = history.message(entry_id)
+    host = _holder(history, row, prefixes)
+    wanted = "failed" if action == "retry" else "quarantined"
+    return host if host and (row["state"] == wanted or any(p["state"] == wanted for p in prefixes)) else None
+
+
+def _holder(history: History, row, prefixes) -> str | None:
+    """Another host's, when the shared history says its spool still holds the message (failed, or quarantined for a feed)."""
+    if not history.shared or row is None or not row["host"] or row["host"] == history.host:
+        return None
+    waiting = row["state"] in ("failed", "quarantined") or any(p["state"] == "quarantined" for p in prefixes)
+    return row["host"] if waiting else None
 
 
 def object_href(bucket: str, key: str) -> str:

@@ -15,10 +15,10 @@ from aiohttp import web
 from jinja2 import Environment, FileSystemLoader, StrictUndefined
 
 from esmail.config import describe_age, describe_duration
-from esmail.errors import TemporaryFailure
+from esmail.errors import ActionRefused, TemporaryFailure
 from esmail.history import STATES
 from esmail.web import data
-from esmail.web.access import CSRF_FIELD, check_csrf, csrf_token
+from esmail.web.access import CSRF_FIELD, check_csrf, csrf_token, who
 from esmail.web.chart import daily_bars
 
 if TYPE_CHECKING:
@@ -31,6 +31,7 @@ _ID = re.compile(r"[0-9A-Za-z][0-9A-Za-z-]{0,80}")  # a spool id: it names files
 NOTES = {  # what a redirect after an action says (?done=): fixed texts, never the query's own
     "retry": "Queued again: the worker takes it now.",
     "release": "Released: it is processed now as if its feed had let it through.",
+    "requested": "Requested: the host that holds it acts within seconds; this page shows what came of it.",
 }
 
 
@@ -53,7 +54,8 @@ class Views:
     async def messages(self, request: web.Request) -> web.Response:
         listed = await asyncio.to_thread(data.messages, self.spool, self.history, *self._filters(request))
         prefixes = await asyncio.to_thread(self._known_prefixes)
-        return self._render(request, "messages.html", states=STATES, prefixes=prefixes, **listed)
+        hosts = await asyncio.to_thread(self.history.hosts) if self.history.shared else []
+        return self._render(request, "messages.html", states=STATES, prefixes=prefixes, hosts=hosts, **listed)
 
     async def message(self, request: web.Request) -> web.Response:
         found = await self._message(request)
@@ -67,28 +69,33 @@ class Views:
 
     async def retry(self, request: web.Request) -> web.Response:
         """A failed entry back to the queue, and to the worker at once."""
-        await check_csrf(request)
-        entry_id = self._id(request)
-        if entry_id not in self.spool.failed_ids():
-            raise web.HTTPConflict(text=f"409: {entry_id} is not waiting in failed/ (already retried?)\n")
-        await asyncio.to_thread(self.spool.retry, [entry_id])
-        log.info("%s: retried from the page", entry_id, extra={"spool_id": entry_id})
-        self.daemon.scheduler.submit(entry_id)
-        raise web.HTTPSeeOther(f"/messages/{entry_id}?done=retry")
+        return await self._act(request, "retry")
 
     async def release(self, request: web.Request) -> web.Response:
         """A quarantined entry let through: processed now as if its feed had passed it (the worker logs the reason overridden)."""
+        return await self._act(request, "release")
+
+    async def _act(self, request: web.Request, action: str) -> web.Response:
+        """Done here when this host's spool holds the entry; asked of the host that holds it otherwise (a shared history)."""
         await check_csrf(request)
         entry_id = self._id(request)
-        if entry_id not in self.spool.quarantined_ids():
-            raise web.HTTPConflict(text=f"409: {entry_id} is not waiting in quarantine/ (already released?)\n")
+        by = who(request)
         try:
-            await asyncio.to_thread(self.spool.release, [entry_id])
-        except FileExistsError:
-            raise web.HTTPConflict(text=f"409: {entry_id} is still being processed; try again in a moment\n") from None
-        log.info("%s: released from the page", entry_id, extra={"spool_id": entry_id})
-        self.daemon.scheduler.submit(entry_id)
-        raise web.HTTPSeeOther(f"/messages/{entry_id}?done=release")
+            await self.daemon.act(entry_id, action, f"{by}, on the page")
+        except ActionRefused as exc:
+            holder = await asyncio.to_thread(self._holder, entry_id, action)
+            if holder is None:
+                raise web.HTTPConflict(text=f"409: {exc}\n") from None
+            if not await self.history.request(entry_id, holder, action, by):
+                raise web.HTTPServiceUnavailable(text=f"503: {holder} holds this message, and the history database that would pass "
+                                                      "the request on does not answer now; try again in a moment\n") from None
+            log.info("%s: %s asked of %s by %s, on the page", entry_id, action, holder, by, extra={"spool_id": entry_id})
+            raise web.HTTPSeeOther(f"/messages/{entry_id}?done=requested")
+        raise web.HTTPSeeOther(f"/messages/{entry_id}?done={action}")
+
+    def _holder(self, entry_id: str, action: str) -> str | None:
+        """The other host whose spool holds the entry waiting for this action, as the shared history says; None otherwise."""
+        return data.holder(self.history, entry_id, action)
 
     # --- objects -----------------------------------------------------------------
 
@@ -124,7 +131,7 @@ class Views:
     def _render(self, request: web.Request, template: str, **context) -> web.Response:
         html = self.templates.get_template(template).render(
             stage=self.config.stage, csrf_field=CSRF_FIELD, csrf=csrf_token(request), note=NOTES.get(request.query.get("done", "")),
-            history_problem=self.history.problem(), history_backlog=self.history.backlog(), **context)
+            history_problem=self.history.problem(), history_backlog=self.history.backlog(), this_host=self.history.host, **context)
         return web.Response(text=html, content_type="text/html", charset="utf-8")
 
     async def _message(self, request: web.Request) -> dict:
@@ -141,7 +148,7 @@ class Views:
         return entry_id
 
     @staticmethod
-    def _filters(request: web.Request) -> tuple[str, str, str, int]:
+    def _filters(request: web.Request) -> tuple[str, str, str, int, str]:
         query = request.query
         state = query.get("state", "")
         if state and state not in STATES:
@@ -150,7 +157,7 @@ class Views:
             page = max(int(query.get("page", "1")), 1)
         except ValueError:
             raise web.HTTPBadRequest(text="400: page must be a number\n") from None
-        return query.get("prefix", "").strip().lower()[:100], state, query.get("q", "").strip()[:200], page
+        return query.get("prefix", "").strip().lower()[:100], state, query.get("q", "").strip()[:200], page, query.get("host", "").strip()[:255]
 
     def _known_prefixes(self) -> list[str]:
         return sorted({feed.prefix for feed in self.config.feeds} | set(self.history.prefixes()))

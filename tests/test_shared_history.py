@@ -1,0 +1,190 @@
+"""One view across hosts (DESIGN §17): two `esmail serve` daemons on one S3 (moto) and one PostgreSQL history.
+
+Each host is its own process, with its own spool, page and /metrics, as on two machines.
+"""
+
+from __future__ import annotations
+
+import smtplib
+import subprocess
+import sys
+import time
+from dataclasses import replace
+
+import pytest
+from prometheus_client.parser import text_string_to_metric_families
+
+import postgres
+from conftest import FAKE_AWS, HISTORY_PASSWORD_ENV, Server, free_port
+from esmail.config import SpoolConfig
+from test_operations import Recorder
+from test_web import CSV, DOMAIN, Browser, Table, csrf_of, message
+
+pytestmark = pytest.mark.parametrize("config", ["s3"], indirect=True)
+TOKEN = "7e57700007e57700007e57700007e577"
+
+
+class Host:
+    """One host: `esmail serve` with the shared history, its page on a port of its own, named by [smtp] hostname."""
+
+    def __init__(self, name: str, config, tmp_path, history_url: str, tables: str = ""):
+        self.name = name
+        self.page = f"http://127.0.0.1:{free_port()}"
+        folder = tmp_path / name
+        folder.mkdir()
+        self.server = Server(replace(config, spool=SpoolConfig(path=folder / "spool", min_free=0)), folder,
+                             smtp=f'hostname = "{name}"\ndomains = ["{DOMAIN}"]',
+                             tables=f'[history]\nurl = "{history_url}"\npassword_env = "{HISTORY_PASSWORD_ENV}"\n'
+                                    f'[http]\nlisten = "{self.page.removeprefix("http://")}"\n{tables}')
+
+    def start(self, **env) -> "Host":
+        self.server.start(**{HISTORY_PASSWORD_ENV: postgres.PASSWORD, **env})
+        return self
+
+    def send(self, raw: bytes, sender: str = "meters@supplier.example") -> str:
+        with smtplib.SMTP("127.0.0.1", self.server.port, timeout=30) as client:
+            client.ehlo("supplier.example")
+            client.mail(sender)
+            assert client.rcpt(f"sheffield@{DOMAIN}")[0] == 250
+            code, text = client.data(raw)
+        assert code == 250, text
+        return text.decode().rsplit(" ", 1)[1]
+
+    def api(self, path: str):
+        return Browser(self.page).json(path)
+
+    def metric(self, name: str, **labels) -> float | None:
+        for family in text_string_to_metric_families(Browser(self.page).get("/metrics")):
+            for sample in family.samples:
+                if sample.name == name and all(sample.labels.get(k) == v for k, v in labels.items()):
+                    return sample.value
+        return None
+
+    def log(self) -> str:
+        return self.server.log.read_text()
+
+
+def wait_for(check, timeout: float = 30.0):
+    deadline = time.monotonic() + timeout
+    while True:
+        result = check()
+        if result or time.monotonic() > deadline:
+            return result
+        time.sleep(0.1)
+
+
+def test_both_pages_list_both_hosts_messages(config, tmp_path, history_url):
+    """Mail taken by host A and by host B: each host's page and API list both, each with its host; ?host= narrows."""
+    a, b = (Host(name, config, tmp_path, history_url).start() for name in ("mx-a.example", "mx-b.example"))
+    try:
+        via_a = a.send(message(subject="via a"))
+        via_b = b.send(message(subject="via b"))
+        for host in (a, b):
+            assert wait_for(lambda host=host: len(host.api("/api/messages")["messages"]) == 2)
+            listed = {m["id"]: m["host"] for m in host.api("/api/messages")["messages"]}
+            assert listed == {via_a: "mx-a.example", via_b: "mx-b.example"}
+            assert [m["id"] for m in host.api("/api/messages?host=mx-b.example")["messages"]] == [via_b]
+            rows = Table(Browser(host.page).get("/messages"), "messages").body()
+            assert sorted(row[2] for row in rows) == ["mx-a.example", "mx-b.example"]  # the Host column
+            assert host.api(f"/api/messages/{via_b}")["host"] == "mx-b.example"
+    finally:
+        for host in (a, b):
+            assert host.server.terminate() == 0
+
+
+def test_a_feed_mailed_only_through_b_is_not_late_on_a_and_when_it_goes_quiet_one_warning(config, tmp_path, history_url):
+    """A feed expected every 3 s gets its mail only through host B: host A's page and /metrics say it is on time.
+    When the mail stops, both hosts' /metrics say late, and one warning and one Rollbar report go out across both."""
+    recorder = Recorder()
+    feed = f'[rollbar]\nendpoint = "{recorder.url}/api/1/"\n[[feed]]\nprefix = "sheffield"\nexpected_every = "3s"\n'
+    a, b = (Host(name, config, tmp_path, history_url, feed).start(ROLLBAR_ACCESS_TOKEN=TOKEN) for name in ("mx-a.example", "mx-b.example"))
+    try:
+        for _ in range(8):  # 8 s of mail through B alone, one message a second
+            b.send(message())
+            time.sleep(1)
+            assert a.metric("esmail_feed_late", prefix="sheffield") in (None, 0.0)
+        assert [f["status"] for f in a.api("/api/feeds")["feeds"] if f["prefix"] == "sheffield"] == ["ok"]
+        for host in (a, b):
+            assert wait_for(lambda host=host: host.metric("esmail_feed_late", prefix="sheffield") == 1.0, timeout=20)
+        time.sleep(2)  # each host looked again: still one warning
+        warnings = [line for host in (a, b) for line in host.log().splitlines() if "feed sheffield is late" in line]
+        assert len(warnings) == 1, warnings
+        reports = [item for item in recorder.items if item["json"]["data"]["body"]["message"]["body"] == "a feed is late"]
+        assert len(reports) == 1
+    finally:
+        for host in (a, b):
+            assert host.server.terminate() == 0
+
+
+def test_release_on_a_of_a_message_quarantined_on_b(config, tmp_path, history_url):
+    """A message from a sender the feed does not list is quarantined on host B; the data team presses Release on host
+    A's page: A records the request, B releases it within seconds, its CSV is stored, and A's page shows the outcome."""
+    feed = '[[feed]]\nprefix = "sheffield"\nsenders = ["*@supplier.example"]\nauthenticated = false\n'
+    a, b = (Host(name, config, tmp_path, history_url, feed).start() for name in ("mx-a.example", "mx-b.example"))
+    try:
+        held = b.send(message(("held.csv", CSV), sender="someone@elsewhere.example"), sender="someone@elsewhere.example")
+        assert wait_for(lambda: any(m["id"] == held and m["state"] == "quarantined" for m in a.api("/api/messages")["messages"]))
+        browser = Browser(a.page)
+        page = browser.get(f"/messages/{held}")
+        assert "asks mx-b.example, whose spool holds it" in page
+        status, headers, _ = browser.request(f"/messages/{held}/release", {"csrftoken": csrf_of(page)})
+        assert status == 303 and headers["Location"] == f"/messages/{held}?done=requested"
+        asked = time.monotonic()
+        assert wait_for(lambda: a.api(f"/api/messages/{held}")["state"] == "stored", timeout=20)
+        assert time.monotonic() - asked < 6  # LISTEN/NOTIFY: well within the 5 s poll
+        [request] = a.api(f"/api/messages/{held}")["requests"]
+        assert request["host"] == "mx-b.example" and request["action"] == "release" and request["by"] == "local"
+        assert request["outcome"].startswith("released") and request["done"]
+        assert [f["name"] for f in a.api(f"/api/messages/{held}")["files"] if f["role"] == "amr_data"] == ["held.csv"]
+        assert "released by local, on the page on mx-a.example" not in a.log()  # B acted, not A
+        assert "released by local on mx-a.example" in b.log()
+    finally:
+        for host in (a, b):
+            assert host.server.terminate() == 0
+
+
+def test_the_database_stopped_while_mail_flows_and_esmail_restarted_meanwhile(config, tmp_path, postgres_server, history_url):
+    """With the database stopped, mail is taken and stored as ever; /healthz stays 200 and says the history is
+    unreachable with the rows waiting, /metrics has the backlog, the page says what it shows. esmail restarted during the
+    outage comes up; once the database is back, the history has every message."""
+    host = Host("mx-a.example", config, tmp_path, history_url).start()
+    sent = [host.send(message(subject="before"))]
+    assert wait_for(lambda: len(host.api("/api/messages")["messages"]) == 1)
+    postgres_server.stop()
+    try:
+        sent += [host.send(message(subject=f"during {n}")) for n in range(10)]
+        assert wait_for(lambda: not list((tmp_path / "mx-a.example" / "spool" / "queue").glob("*.msg")))
+        health = host.api("/healthz")
+        assert health["status"] == "ok" and health["notes"][0].startswith("history: unreachable (10 rows waiting)")
+        assert host.metric("esmail_history_backlog") == 10.0
+        assert "This page shows what it had when it last answered" in Browser(host.page).get("/")
+        assert host.server.terminate() == 0
+        host.start()  # the database still away
+        sent += [host.send(message(subject="after the restart"))]
+        assert wait_for(lambda: host.metric("esmail_history_backlog") == 11.0)
+    finally:
+        postgres_server.start()
+    try:
+        assert wait_for(lambda: len(host.api("/api/messages")["messages"]) == 12, timeout=30)
+        assert sorted(m["id"] for m in host.api("/api/messages")["messages"]) == sorted(sent)
+        assert "notes" not in host.api("/healthz") and host.metric("esmail_history_backlog") == 0.0
+    finally:
+        assert host.server.terminate() == 0
+
+
+def test_check_config_connects_to_the_history(config, tmp_path, history_url):
+    """check-config says `ok history …` for a live database and `FAILED history …` (exit 1) for a dead port."""
+    host = Host("mx-a.example", config, tmp_path, history_url)
+    env = {**FAKE_AWS, HISTORY_PASSWORD_ENV: postgres.PASSWORD}
+
+    def check_config() -> subprocess.CompletedProcess:
+        return subprocess.run([sys.executable, "-m", "esmail", "--config", str(host.server.toml), "check-config"],
+                              capture_output=True, text=True, env={**__import__("os").environ, **env}, timeout=60)
+
+    done = check_config()
+    assert done.returncode == 0, done.stdout + done.stderr
+    assert f"ok      history {history_url}: PostgreSQL" in done.stdout
+    dead = history_url.replace(history_url.split(":")[2].split("/")[0], str(free_port()))
+    host.server.toml.write_text(host.server.toml.read_text().replace(history_url, dead))
+    done = check_config()
+    assert done.returncode == 1 and f"FAILED  history {dead}" in done.stdout and "refused" in done.stdout
