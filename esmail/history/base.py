@@ -13,7 +13,7 @@ import uuid
 from abc import ABC, abstractmethod
 from dataclasses import dataclass, field
 from datetime import datetime, timedelta, timezone
-from typing import Any, Callable, Iterable, Protocol, Sequence
+from typing import Any, Callable, ContextManager, Iterable, Protocol, Sequence, Sized
 
 log = logging.getLogger("esmail.history")
 
@@ -75,48 +75,119 @@ class Finished:
 
 
 class Db(Protocol):
-    """What the shared SQL needs of a connection: `run(sql, args)` with `?` placeholders, returning a cursor."""
+    """What the shared SQL needs of a connection: statements with `?` placeholders, and a pipeline (statements sent
+    without waiting for each answer, where the backend has one)."""
 
     def run(self, sql: str, args: Sequence[Any] = ()) -> Any: ...
+
+    def run_many(self, sql: str, rows: Iterable[Sequence[Any]]) -> None: ...
+
+    def pipeline(self) -> ContextManager: ...
 
 
 _MESSAGE_COLUMNS = ("id", "host", "received", "origin", "client", "helo", "mail_from", "header_from", "subject", "date", "size",
                     "authentication", "state", "reason", "attempts", "seconds", "finished")
+_FILE_COLUMNS = ("id", "prefix", "role", "name", "kind", "rule", "bucket", "key", "bytes", "reason")
 
 
-def write_finished(db: Db, item: Finished, host: str, event: str) -> None:
-    """One outcome into the tables, in the caller's transaction. Written once: an `event` seen before is skipped
-    (the journal may hand the same row over twice: a crash between the database's commit and the journal's)."""
-    if db.run("SELECT 1 FROM outcomes WHERE event = ?", (event,)).fetchone():
+def marks(values: Sized) -> str:
+    """`?, ?, ?` for an IN list of `values`."""
+    return ", ".join("?" * len(values))
+
+
+def write_finished(db: Db, rows: list[tuple[Finished, str, str]]) -> None:
+    """Outcomes (each with the host it happened on and its event) into the tables, in the caller's transaction, as if
+    written one after the other — but a table at a time, each statement prepared once for all its rows and sent
+    without waiting for the one before (a round trip to a database server costs more than the row). Each is written once: an event seen before is skipped (the journal may hand a row
+    over twice: a crash between the database's commit and the journal's)."""
+    events = [event for _, _, event in rows]
+    seen = {row["event"] for row in db.run(f"SELECT event FROM outcomes WHERE event IN ({marks(events)})", events).fetchall()}
+    rows = [row for row in rows if row[2] not in seen]
+    if not rows:
         return
-    previous = db.run("SELECT state FROM messages WHERE id = ?", (item.id,)).fetchone()
-    outcome = RETRIED if item.outcome == STORED and previous is not None and previous["state"] == FAILED else item.outcome
-    state = STORED if outcome in (RELEASED, RETRIED) else outcome
-    values = (item.id, host, item.received, item.origin, item.client, item.helo, item.mail_from, item.header_from, item.subject,
-              item.date, item.size, item.authentication, state, item.reason, item.attempts, item.seconds, item.at)
-    db.run(f"INSERT INTO messages ({', '.join(_MESSAGE_COLUMNS)}) VALUES ({', '.join('?' * len(values))}) "
-           f"ON CONFLICT (id) DO UPDATE SET {', '.join(f'{c} = excluded.{c}' for c in _MESSAGE_COLUMNS[1:])}", values)
-    db.run("INSERT INTO outcomes (id, at, outcome, reason, attempts, seconds, event) VALUES (?, ?, ?, ?, ?, ?, ?)",
-           (item.id, item.at, outcome, item.reason, item.attempts, item.seconds, event))
-    if outcome == RELEASED:  # the files stored before (the inbox copy) stay; the released prefixes get theirs
-        db.run(f"DELETE FROM files WHERE id = ? AND prefix IN ({', '.join('?' * len(item.prefixes))})", (item.id, *item.prefixes))
-    else:
-        db.run("DELETE FROM files WHERE id = ?", (item.id,))
-    for f in item.files:
-        db.run("INSERT INTO files (id, prefix, role, name, kind, rule, bucket, key, bytes, reason) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
-               (item.id, f.prefix, f.role, f.name, f.kind, f.rule, f.bucket, f.key, f.bytes, f.reason))
-    for prefix, prefix_state in item.prefixes.items():
-        csvs = sum(1 for f in item.files if f.prefix == prefix and f.role == "amr_data")
-        unprocessable = sum(1 for f in item.files if f.prefix == prefix and f.role == "unprocessable")
-        db.run("DELETE FROM message_prefixes WHERE id = ? AND prefix = ?", (item.id, prefix))
-        db.run("INSERT INTO message_prefixes (id, prefix, received, state, csvs, unprocessable) VALUES (?, ?, ?, ?, ?, ?)",
-               (item.id, prefix, item.received, prefix_state, csvs, unprocessable))
-        db.run("INSERT INTO prefixes (prefix) VALUES (?) ON CONFLICT DO NOTHING", (prefix,))
-        db.run("UPDATE prefixes SET last_unprocessable = ?, last_message = ? WHERE prefix = ? "
-               "AND (last_message IS NULL OR last_message <= ?)", (unprocessable, item.received, prefix, item.received))
-        if csvs:
-            db.run("UPDATE prefixes SET last_csv = ? WHERE prefix = ? AND (last_csv IS NULL OR last_csv < ?)",
-                   (item.received, prefix, item.received))
+    ids = list({item.id: None for item, _, _ in rows})
+    states = {row["id"]: row["state"] for row in db.run(f"SELECT id, state FROM messages WHERE id IN ({marks(ids)})", ids).fetchall()}
+    messages: dict[str, tuple] = {}  # the last outcome of each message is its row
+    outcomes: list[tuple] = []
+    files = {entry_id: _Files() for entry_id in ids}
+    message_prefixes: dict[tuple[str, str], tuple] = {}
+    prefixes: dict[str, _Prefix] = {}
+    for item, host, event in rows:
+        previous = states.get(item.id)
+        outcome = RETRIED if item.outcome == STORED and previous == FAILED else item.outcome
+        state = states[item.id] = STORED if outcome in (RELEASED, RETRIED) else outcome
+        messages[item.id] = (item.id, host, item.received, item.origin, item.client, item.helo, item.mail_from, item.header_from,
+                             item.subject, item.date, item.size, item.authentication, state, item.reason, item.attempts, item.seconds,
+                             item.at)
+        outcomes.append((item.id, item.at, outcome, item.reason, item.attempts, item.seconds, event))
+        files[item.id].add(item, released=outcome == RELEASED)
+        for prefix, prefix_state in item.prefixes.items():
+            csvs = sum(1 for f in item.files if f.prefix == prefix and f.role == "amr_data")
+            unprocessable = sum(1 for f in item.files if f.prefix == prefix and f.role == "unprocessable")
+            message_prefixes[item.id, prefix] = (item.id, prefix, item.received, prefix_state, csvs, unprocessable)
+            prefixes.setdefault(prefix, _Prefix(prefix)).add(item.received, unprocessable, csvs)
+    with db.pipeline():
+        _insert(db, "messages", _MESSAGE_COLUMNS, list(messages.values()), "ON CONFLICT (id) DO UPDATE SET " +
+                ", ".join(f"{c} = excluded.{c}" for c in _MESSAGE_COLUMNS[1:]))
+        _insert(db, "outcomes", ("id", "at", "outcome", "reason", "attempts", "seconds", "event"), outcomes)
+        replaced = [entry_id for entry_id, kept in files.items() if kept.everything]
+        if replaced:
+            db.run(f"DELETE FROM files WHERE id IN ({marks(replaced)})", replaced)
+        for entry_id, kept in files.items():
+            if not kept.everything and kept.prefixes:
+                db.run(f"DELETE FROM files WHERE id = ? AND prefix IN ({marks(kept.prefixes)})", (entry_id, *kept.prefixes))
+        _insert(db, "files", _FILE_COLUMNS, [row for kept in files.values() for row in kept.rows])
+        _insert(db, "message_prefixes", ("id", "prefix", "received", "state", "csvs", "unprocessable"), list(message_prefixes.values()),
+                "ON CONFLICT (id, prefix) DO UPDATE SET received = excluded.received, state = excluded.state, "
+                "csvs = excluded.csvs, unprocessable = excluded.unprocessable")
+        _insert(db, "prefixes", ("prefix", "last_message", "last_unprocessable", "last_csv"), [p.row() for p in prefixes.values()],
+                "ON CONFLICT (prefix) DO UPDATE SET "
+                "last_unprocessable = CASE WHEN prefixes.last_message IS NULL OR prefixes.last_message <= excluded.last_message "
+                "THEN excluded.last_unprocessable ELSE prefixes.last_unprocessable END, "
+                "last_message = CASE WHEN prefixes.last_message IS NULL OR prefixes.last_message <= excluded.last_message "
+                "THEN excluded.last_message ELSE prefixes.last_message END, "
+                "last_csv = CASE WHEN excluded.last_csv IS NOT NULL AND (prefixes.last_csv IS NULL OR prefixes.last_csv < excluded.last_csv) "
+                "THEN excluded.last_csv ELSE prefixes.last_csv END")
+
+
+def _insert(db: Db, table: str, columns: Sequence[str], rows: list[tuple], conflict: str = "") -> None:
+    """Rows into a table: one statement, prepared once, for all of them."""
+    if rows:
+        db.run_many(f"INSERT INTO {table} ({', '.join(columns)}) VALUES ({marks(columns)}) {conflict}", rows)
+
+
+class _Files:
+    """A message's file rows after its outcomes in a batch, one after the other: each outcome replaces them all,
+    but a release only those of the prefixes it releases (the inbox copies stored before stay)."""
+
+    def __init__(self):
+        self.everything = False  # the database's rows of this message all go
+        self.prefixes: set[str] = set()  # else those of these prefixes
+        self.rows: list[tuple] = []
+
+    def add(self, item: Finished, released: bool) -> None:
+        if released:
+            self.prefixes |= set(item.prefixes)
+            self.rows = [row for row in self.rows if row[1] not in item.prefixes]
+        else:
+            self.everything, self.rows = True, []
+        self.rows += [(item.id, f.prefix, f.role, f.name, f.kind, f.rule, f.bucket, f.key, f.bytes, f.reason) for f in item.files]
+
+
+class _Prefix:
+    """A prefix's summary after a batch: its latest message (a later one of the same second wins), its latest CSV."""
+
+    def __init__(self, prefix: str):
+        self.prefix, self.last_message, self.unprocessable, self.last_csv = prefix, "", 0, None
+
+    def add(self, received: str, unprocessable: int, csvs: int) -> None:
+        if received >= self.last_message:
+            self.last_message, self.unprocessable = received, unprocessable
+        if csvs and (self.last_csv is None or received > self.last_csv):
+            self.last_csv = received
+
+    def row(self) -> tuple:
+        return self.prefix, self.last_message, self.unprocessable, self.last_csv
 
 
 def write_declared(db: Db, prefixes: Iterable[str], at: str) -> None:

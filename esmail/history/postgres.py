@@ -18,7 +18,7 @@ import threading
 import time
 from collections import OrderedDict
 from pathlib import Path
-from typing import Any, Callable, Sequence
+from typing import Any, Callable, Iterable, Sequence
 
 import psycopg
 from psycopg.rows import dict_row
@@ -81,7 +81,18 @@ class _Db:
         self.conn = conn
 
     def run(self, sql: str, args: Sequence[Any] = ()) -> psycopg.Cursor:
-        return self.conn.execute(_placeholders(sql), [a.replace("\x00", "") if isinstance(a, str) else a for a in args])
+        return self.conn.execute(_placeholders(sql), _text(args))
+
+
+    def run_many(self, sql: str, rows: Iterable[Sequence[Any]]) -> None:
+        self.conn.cursor().executemany(_placeholders(sql), [_text(row) for row in rows])
+
+    def pipeline(self):
+        return self.conn.pipeline()
+
+
+def _text(args: Sequence[Any]) -> list:
+    return [a.replace("\x00", "") if isinstance(a, str) else a for a in args]
 
 
 @functools.lru_cache(maxsize=256)
@@ -114,6 +125,7 @@ class PostgresHistory(History):
         self._answers: OrderedDict[tuple, Any] = OrderedDict()  # the page's last answers, kept for while the database is away
         self._answers_lock = threading.Lock()
         self._in_hand = 0  # rows the writer took from the queue and has not written or journalled yet
+        self._counting = threading.Lock()  # rows move from in hand to the journal as one step, for backlog()
         self._writer = threading.Thread(target=self._write_loop, name="history", daemon=True)
         self._writer.start()
 
@@ -142,7 +154,8 @@ class PostgresHistory(History):
         self.pool.close()
 
     def backlog(self) -> int:
-        return self._queue.qsize() + self._in_hand + self.journal.waiting()
+        with self._counting:
+            return self._queue.qsize() + self._in_hand + self.journal.waiting()
 
     def problem(self) -> str | None:
         if self._down_since is None:
@@ -176,13 +189,16 @@ class PostgresHistory(History):
     def _write(self, batch: list[dict]) -> None:
         """Rows in the order they came: after what waits in the journal; to the journal while the database is away."""
         if self._down_since is not None and time.monotonic() - self._tried < RETRY_EVERY:
+            self._keep(batch)
+        elif (self.journal.waiting() and not self._drain()) or self._queue.qsize() > SPILL:
+            self._keep(batch)
+        elif batch and not self._apply(batch):
+            self._keep(batch)
+
+    def _keep(self, batch: list[dict]) -> None:
+        with self._counting:
             self.journal.append(batch)
-            return
-        if (self.journal.waiting() and not self._drain()) or self._queue.qsize() > SPILL:
-            self.journal.append(batch)
-            return
-        if batch and not self._apply(batch):
-            self.journal.append(batch)
+            self._in_hand = 0
 
     def _drain(self) -> bool:
         """Write the journal's rows, file by file, oldest first; False when the database stopped answering."""
@@ -328,10 +344,16 @@ def _notifying(db: Db, *args) -> bool:
 
 
 def _apply_all(db: Db, rows: list[dict]) -> None:
-    for row in rows:
+    """Journal rows in order: runs of finished messages go together (one pipeline), the rest one by one."""
+    finished: list[tuple[Finished, str, str]] = []
+    for row in rows + [{"op": "end"}]:
         if row["op"] == "record":
-            write_finished(db, Finished.from_json(row["finished"]), row["host"], row["event"])
-        elif row["op"] == "declare":
+            finished.append((Finished.from_json(row["finished"]), row["host"], row["event"]))
+            continue
+        if finished:
+            write_finished(db, finished)
+            finished = []
+        if row["op"] == "declare":
             write_declared(db, row["prefixes"], row["at"])
         elif row["op"] == "prune":
             write_pruned(db, row["keep_days"])

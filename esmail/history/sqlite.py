@@ -10,12 +10,13 @@ hold the mail.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import sqlite3
 from concurrent.futures import ThreadPoolExecutor
 from datetime import datetime, timezone
 from pathlib import Path
-from typing import Any, Callable, Sequence
+from typing import Any, Callable, Iterable, Sequence
 
 from esmail.history.base import Db, Finished, History, now_text, write_declared, write_finished, write_pruned
 
@@ -70,6 +71,14 @@ class _Db:
         return self.conn.execute(sql, args)
 
 
+    def run_many(self, sql: str, rows: Iterable[Sequence[Any]]) -> None:
+        self.conn.executemany(sql, rows)
+
+    @staticmethod
+    def pipeline() -> contextlib.nullcontext:
+        return contextlib.nullcontext()  # in the same process: nothing to wait for
+
+
 def _connect(path: Path) -> sqlite3.Connection:
     conn = sqlite3.connect(path, timeout=10, isolation_level=None, check_same_thread=False)
     conn.row_factory = sqlite3.Row
@@ -91,7 +100,7 @@ class SqliteHistory(History):
     # --- writing: the writer's thread --------------------------------------------
 
     async def record(self, finished: Finished) -> None:
-        await self._run(self._in_transaction, write_finished, finished, self.host, self.new_event())
+        await self._run(self._in_transaction, write_finished, [(finished, self.host, self.new_event())])
 
     async def declare(self, prefixes: list[str]) -> None:
         await self._run(self._in_transaction, write_declared, prefixes, now_text())
