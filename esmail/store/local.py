@@ -3,20 +3,32 @@
 Each object is written to a temporary file, fsync'd, then hard-linked into
 place: `link` fails if the key exists, which gives the same never-overwrite
 rule as S3's `If-None-Match: *`, and a reader never sees half a file.
+
+Under a bucket's folder no symbolic link is ever followed, to read or to
+write: each folder of a key is opened with O_NOFOLLOW relative to the one
+before it (dir_fd), and the file itself too. A link planted there (to
+/etc/shadow, or a folder link to /) is "no such object" to a reader, and a
+writer refuses it, so the page serves only what esmail stored and esmail
+writes only inside its folders. The folders above (`path`, a bucket's own
+folder) are the operator's and may be links.
 """
 
 from __future__ import annotations
 
 import asyncio
+import errno
 import os
+import stat
 import uuid
 from pathlib import Path
 
-from esmail.durable import fsync_dir, write_synced
+from esmail.durable import write_synced
 from esmail.errors import TemporaryFailure
 from esmail.store.base import Store
 
 TMP_DIR = ".esmail-tmp"
+_FOLDER = os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC
+_NOT_THERE = (errno.ENOENT, errno.ENOTDIR, errno.ELOOP)  # missing, a file where a folder should be, a link
 
 
 class LocalStore(Store):
@@ -31,34 +43,81 @@ class LocalStore(Store):
 
     def _create_sync(self, bucket: str, key: str, data: bytes) -> bool:
         target = self._path(bucket, key)
+        *folders, name = _segments(key)
         tmp_dir = self.root / TMP_DIR
         try:
             tmp_dir.mkdir(parents=True, exist_ok=True)
-            target.parent.mkdir(parents=True, exist_ok=True)
+            (self.root / bucket).mkdir(parents=True, exist_ok=True)
             tmp = tmp_dir / uuid.uuid4().hex
             write_synced(tmp, data)
             try:
-                os.link(tmp, target)
+                folder = self._open_folder(bucket, folders, create=True)
+                try:
+                    os.link(tmp, name, dst_dir_fd=folder)
+                    os.fsync(folder)
+                finally:
+                    os.close(folder)
             except FileExistsError:
                 return False
             finally:
                 tmp.unlink()
-            fsync_dir(target.parent)
             return True
         except OSError as exc:
+            if exc.errno in (errno.ELOOP, errno.ENOTDIR):
+                raise TemporaryFailure(f"cannot write {target}: a folder on its way is a symbolic link or a file "
+                                       f"(esmail never follows links in a bucket); remove it") from exc
             raise TemporaryFailure(f"cannot write {target}: {exc.strerror or exc}") from exc
 
     async def get(self, bucket: str, key: str) -> bytes | None:
+        return await asyncio.to_thread(self._read, bucket, key)
+
+    def _read(self, bucket: str, key: str) -> bytes | None:
+        """The bytes of a regular file at `key`, reached without a link; None for anything else (missing, a link, a folder, a pipe)."""
         try:
-            return await asyncio.to_thread(self._path(bucket, key).read_bytes)
-        except FileNotFoundError:
+            *folders, name = _segments(key)
+            folder = self._open_folder(bucket, folders)
+            try:
+                fd = os.open(name, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC, dir_fd=folder)
+            finally:
+                os.close(folder)
+        except ValueError:
             return None
+        except OSError as exc:
+            if exc.errno in _NOT_THERE:
+                return None
+            raise
+        if not stat.S_ISREG(os.fstat(fd).st_mode):
+            os.close(fd)
+            return None
+        with open(fd, "rb") as f:
+            return f.read()
+
+    def _open_folder(self, bucket: str, folders: list[str], create: bool = False) -> int:
+        """A descriptor of the bucket's folder `folders`, each step opened with O_NOFOLLOW (made first when `create`)."""
+        fd = os.open(self.root / bucket, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+        try:
+            for folder in folders:
+                if create:
+                    try:
+                        os.mkdir(folder, dir_fd=fd)
+                    except FileExistsError:
+                        pass
+                inner = os.open(folder, _FOLDER, dir_fd=fd)
+                os.close(fd)
+                fd = inner
+        except BaseException:
+            os.close(fd)
+            raise
+        return fd
 
     async def keys(self, bucket: str, prefix: str = "") -> list[str]:
         base = self.root / bucket
-        if not base.is_dir():
-            return []
-        found = (p.relative_to(base).as_posix() for p in base.rglob("*") if p.is_file())
+        found = []
+        for folder, _, names in os.walk(base):  # os.walk does not go into folder links
+            for name in names:
+                path = Path(folder, name)
+                if path.is_file() and not path.is_symlink():
+                    found.append(path.relative_to(base).as_posix())
         return sorted(k for k in found if k.startswith(prefix))
 
     async def check(self, bucket: str) -> None:
@@ -70,3 +129,11 @@ class LocalStore(Store):
 
     def describe(self, bucket: str, key: str) -> str:
         return str(self._path(bucket, key))
+
+
+def _segments(key: str) -> list[str]:
+    """The key's folders and file name; ValueError for a key that could leave its folder (``, `.`, `..`)."""
+    segments = key.split("/")
+    if any(segment in ("", ".", "..") for segment in segments):
+        raise ValueError(f"not a key: {key!r}")
+    return segments
