@@ -36,3 +36,5 @@ FEED_LATE = Gauge("esmail_feed_late", "1 when a feed with expected_every has had
 TLS_FAILURES = Counter("esmail_tls_handshake_failures", "STARTTLS handshakes that failed (a client's unknown CA, garbage)", registry=REGISTRY)
 TLS_CERT_EXPIRY = Gauge("esmail_tls_certificate_expiry_timestamp_seconds", "When the TLS certificate in use expires (Unix time)",
                         registry=REGISTRY)
+HTTP_LOGIN_FAILURES = Counter("esmail_http_login_failures", "Wrong passwords sent to the page (answered 401, or 429 while that client is throttled)",
+                              registry=REGISTRY)

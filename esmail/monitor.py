@@ -25,7 +25,8 @@ class Monitor:
     def __init__(self, daemon: "Daemon"):
         self.daemon = daemon
         http = daemon.config.http
-        app = web.Application(middlewares=page.middlewares(daemon.config.secrets.get(http.password_env) if http.password_env else None))
+        app = web.Application()
+        self.logins = page.protect(app, daemon.config.secrets.get(http.password_env) if http.password_env else None, daemon.spool.path)
         app.router.add_get("/healthz", self.healthz)
         app.router.add_get("/metrics", self.metrics)
         page.setup(app, daemon)

@@ -2,15 +2,17 @@
 
 from __future__ import annotations
 
+import http.server
 import os
 import shutil
+import threading
 from dataclasses import replace
 
 import pytest
 
 from conftest import RunningDaemon, eventually
 from esmail.config import WorkerConfig
-from test_web import message, send, with_page
+from test_web import message, quarantining, send, with_page
 
 
 @pytest.fixture
@@ -73,3 +75,56 @@ async def test_a_person_reads_the_feeds_opens_a_failed_message_and_retries_it(co
         assert any(key.startswith("sheffield/") and key.endswith("/export.csv") for key in keys)
         outcomes = [cell.text for cell in chrome.find_elements(By.CSS_SELECTOR, "table.outcomes tbody td:nth-child(2)")]
         assert outcomes == ["failed", "retried"]
+
+
+class Attacker(http.server.ThreadingHTTPServer):
+    """Another site's page on this host: it sets its own `csrftoken` cookie (cookies ignore ports, so the esmail page on
+    127.0.0.1 gets it too) and at once submits a release form for the quarantined entry with the same value."""
+
+    def __init__(self, host: str, action: str):
+        page = (f'<!doctype html><title>cute cats</title><form method="post" action="{action}">'
+                '<input type="hidden" name="csrftoken" value="forged"></form><script>document.forms[0].submit()</script>').encode()
+
+        class Handler(http.server.BaseHTTPRequestHandler):
+            def do_GET(self):
+                self.send_response(200)
+                self.send_header("Set-Cookie", "csrftoken=forged; Path=/")
+                self.send_header("Content-Type", "text/html")
+                self.end_headers()
+                self.wfile.write(page)
+
+            def log_message(self, *args):
+                pass
+
+        super().__init__(("127.0.0.1", 0), Handler)
+        self.url = f"http://{host}:{self.server_address[1]}/"
+        threading.Thread(target=self.serve_forever, daemon=True).start()
+
+
+@pytest.mark.parametrize("config", ["local"], indirect=True)
+async def test_a_page_on_another_site_cannot_release_an_entry_but_the_page_itself_can(config, chrome):
+    """A page on another port of 127.0.0.1 (same site: its cookie reaches esmail) and one on localhost (cross-site) each set
+    a cookie and submit the release form: the browser shows 403 and the entry stays quarantined; then the person presses
+    Release on the esmail page itself and it is released."""
+    from selenium.webdriver.common.by import By
+
+    with RunningDaemon(quarantining(config)) as server:
+        held_id = send(server, message(sender="someone@else.example", subject="held"))
+        assert await eventually(lambda: server.spool.quarantined_ids() == [held_id])
+        base = f"http://127.0.0.1:{server.daemon.monitor.port}"
+        for host in ("127.0.0.1", "localhost"):
+            attacker = Attacker(host, f"{base}/messages/{held_id}/release")
+            try:
+                chrome.get(attacker.url)
+                assert await eventually(lambda: chrome.current_url.startswith(base), timeout=10), chrome.current_url
+                assert chrome.find_element(By.TAG_NAME, "body").text.startswith("403: this form was sent from another site")
+            finally:
+                attacker.shutdown()
+                attacker.server_close()
+            assert server.spool.quarantined_ids() == [held_id]
+        assert {cookie["name"]: cookie["value"] for cookie in chrome.get_cookies()}["csrftoken"] == "forged"  # the attack was real
+
+        chrome.get(f"{base}/messages/{held_id}")
+        chrome.find_element(By.XPATH, "//button[text()='Release']").click()
+        assert chrome.find_element(By.CSS_SELECTOR, "p.note").text.startswith("Released")
+        assert await eventually(lambda: not server.spool.quarantined_ids())

@@ -19,7 +19,7 @@ from html.parser import HTMLParser
 
 import pytest
 
-from conftest import RunningDaemon, eventually
+from conftest import RunningDaemon, eventually, free_port
 from esmail.config import Address, Config, FeedConfig, HttpConfig, SpoolConfig, StorageConfig, WorkerConfig
 
 DOMAIN = "datafeeds.example.org"
@@ -57,16 +57,16 @@ def send(server: RunningDaemon, raw: bytes, *rcpts: str) -> str:
 class Browser:
     """urllib with a cookie jar and, when given, HTTP Basic: what a person's browser does, without JavaScript."""
 
-    def __init__(self, server: RunningDaemon | str, password: str | None = None):
-        """`server`: a daemon in this process, or the page's base URL (another process's)."""
-        self.base = server if isinstance(server, str) else f"http://127.0.0.1:{server.daemon.monitor.port}"
+    def __init__(self, server: RunningDaemon | str, password: str | None = None, host: str = "127.0.0.1"):
+        """`server`: a daemon in this process, or the page's base URL (another process's); `host`: the daemon's address to use."""
+        self.base = server if isinstance(server, str) else f"http://{host}:{server.daemon.monitor.port}"
         self.jar = http.cookiejar.CookieJar()
         self.opener = urllib.request.build_opener(urllib.request.HTTPCookieProcessor(self.jar), _NoRedirect)
         self.password = password
 
-    def request(self, path: str, form: dict | None = None) -> tuple[int, dict, bytes]:
+    def request(self, path: str, form: dict | None = None, headers: dict | None = None) -> tuple[int, dict, bytes]:
         body = urllib.parse.urlencode(form).encode() if form is not None else None
-        request = urllib.request.Request(self.base + path, data=body)
+        request = urllib.request.Request(self.base + path, data=body, headers=headers or {})
         if self.password is not None:
             request.add_header("Authorization", "Basic " + base64.b64encode(f"data-team:{self.password}".encode()).decode())
         try:
@@ -361,3 +361,200 @@ async def test_the_history_forgets_what_is_older_than_keep_days(config):
         assert await eventually(lambda: [m["id"] for m in Browser(server).json("/api/messages")["messages"]] == [entry_id])
     with sqlite3.connect(config.spool.path / "history.sqlite") as conn:
         assert conn.execute("SELECT COUNT(*) FROM outcomes WHERE id = 'old-1'").fetchone()[0] == 0
+
+
+def quarantining(config: Config) -> Config:
+    """The page, and a feed that quarantines mail from anyone but the council."""
+    return replace(with_page(config), feeds=(FeedConfig("sheffield", senders=("*@sheffield.gov.uk",), authenticated=False),))
+
+
+@local
+async def test_a_forged_token_another_origin_or_a_cross_site_post_is_refused_and_the_own_form_works(config):
+    """A cookie and field of the attacker's choosing, the page's own token sent from another origin or cross-site: 403,
+    the entry stays quarantined; the page's own form, as a browser sends it: 303 and released."""
+    with RunningDaemon(quarantining(config)) as server:
+        held_id = send(server, message(sender="someone@else.example"))
+        assert await eventually(lambda: server.spool.quarantined_ids() == [held_id])
+        browser = Browser(server)
+        token = csrf_of(browser.get(f"/messages/{held_id}"))
+        own = browser.base
+        release = f"/messages/{held_id}/release"
+        for forged in ("x", "x" * 43, token.split(".")[0] + "." + "0" * 64, token.split(".")[0]):
+            status, _, body = Browser(server).request(release, {"csrftoken": forged}, {"Cookie": f"csrftoken={forged}"})
+            assert status == 403 and b"CSRF token" in body, forged
+        for headers in ({"Origin": "http://evil.example"}, {"Origin": f"http://127.0.0.1:{free_port()}"}, {"Origin": "null"},
+                        {"Origin": own.replace("http:", "https:")}, {"Sec-Fetch-Site": "cross-site"}, {"Sec-Fetch-Site": "same-site"},
+                        {"Origin": own, "Sec-Fetch-Site": "cross-site"}):
+            status, _, body = browser.request(release, {"csrftoken": token}, headers)
+            assert status == 403 and b"403: this form was sent from another site" in body, headers
+        assert server.spool.quarantined_ids() == [held_id]
+        status, headers, _ = browser.request(release, {"csrftoken": token}, {"Origin": own, "Sec-Fetch-Site": "same-origin"})
+        assert status == 303 and headers["Location"] == f"/messages/{held_id}?done=release"
+        assert await eventually(lambda: not server.spool.quarantined_ids())
+
+
+@local
+async def test_the_signing_key_is_kept_in_the_spool_so_an_open_page_survives_a_restart(config):
+    """{spool}/http-secret is made once (0600); a page's token from before a restart still releases after it."""
+    config = quarantining(config)
+    with RunningDaemon(config) as server:
+        held_id = send(server, message(sender="someone@else.example"))
+        assert await eventually(lambda: server.spool.quarantined_ids() == [held_id])
+        browser = Browser(server)
+        token = csrf_of(browser.get(f"/messages/{held_id}"))
+    secret = config.spool.path / "http-secret"
+    assert secret.stat().st_mode & 0o777 == 0o600 and len(secret.read_bytes()) == 32
+    key = secret.read_bytes()
+    with RunningDaemon(config) as server:
+        browser.base = f"http://127.0.0.1:{server.daemon.monitor.port}"
+        status, _, _ = browser.request(f"/messages/{held_id}/release", {"csrftoken": token})
+        assert status == 303 and secret.read_bytes() == key
+
+
+@local
+def test_the_token_cookie_is_secure_when_a_local_proxy_says_the_browser_used_tls(config):
+    """X-Forwarded-Proto: https from a proxy on this host: the cookie is Secure; plain HTTP: it is not (the browser would drop it)."""
+    with RunningDaemon(with_page(config)) as server:
+        _, headers, _ = Browser(server).request("/", headers={"X-Forwarded-Proto": "https"})
+        assert "Secure" in headers["Set-Cookie"] and "HttpOnly" in headers["Set-Cookie"] and "SameSite=Strict" in headers["Set-Cookie"]
+        _, headers, _ = Browser(server).request("/")
+        assert "Secure" not in headers["Set-Cookie"]
+
+
+@local
+async def test_links_planted_in_a_bucket_are_not_served_but_a_real_file_beside_them_is(config, tmp_path):
+    """A file link and folder links (to / and to a folder outside) in the amr-data folder: 404, the target's bytes nowhere;
+    the stored CSV beside them: 200 with its bytes."""
+    outside = tmp_path / "outside"
+    outside.mkdir()
+    (outside / "secret.txt").write_text("not for the page")
+    with RunningDaemon(with_page(config)) as server:
+        send(server, message())
+        assert await finished(server)
+        amr = config.storage.path / config.buckets.amr_data
+        [stored] = amr.rglob("export.csv")
+        (stored.parent / "planted.csv").symlink_to(outside / "secret.txt")
+        (amr / "sheffield" / "root").symlink_to("/")
+        (amr / "elsewhere").symlink_to(outside)
+        browser = Browser(server)
+        base = f"/objects/{config.buckets.amr_data}"
+        key = stored.relative_to(amr).as_posix()
+        hostname = open("/etc/hostname", "rb").read()
+        for path in (f"{base}/{key.replace('export.csv', 'planted.csv')}", f"{base}/sheffield/root/etc/hostname",
+                     f"{base}/elsewhere/secret.txt"):
+            status, _, body = browser.request(path)
+            assert status == 404 and b"not for the page" not in body and hostname not in body, path
+        assert browser.request(f"{base}/{key}")[:3:2] == (200, stored.read_bytes())
+
+
+@local
+async def test_every_error_has_the_page_headers_no_banner_and_no_traceback(config, caplog):
+    """A huge page number, a folder or an overlong name as key, an unknown path, a refused form, the wrong state, and a 500
+    when the spool is broken: each 4xx (or 500) with the page's security headers and no `Server` banner; no traceback for the 4xx."""
+    with caplog.at_level("INFO"), RunningDaemon(quarantining(config)) as server:
+        stored_id = send(server, message(sender="reports@sheffield.gov.uk"))
+        held_id = send(server, message(sender="someone@else.example"))
+        assert await eventually(lambda: server.spool.quarantined_ids() == [held_id])
+        browser = Browser(server)
+        token = csrf_of(browser.get(f"/messages/{held_id}"))
+        amr = config.buckets.amr_data
+        answers = [(path, browser.request(path)) for path in (
+            "/messages?page=99999999999999999999", "/api/messages?page=99999999999999999999", "/messages?page=0", "/messages?page=x",
+            f"/objects/{amr}/sheffield", f"/objects/{amr}/sheffield/" + "a" * 300 + ".csv", "/no/such/page", "/messages/nobody")]
+        answers.append(("release without a token", browser.request(f"/messages/{stored_id}/release", {})))
+        answers.append(("release when stored", browser.request(f"/messages/{stored_id}/release", {"csrftoken": token})))
+        assert [(path, status) for path, (status, _, _) in answers] == [
+            ("/messages?page=99999999999999999999", 400), ("/api/messages?page=99999999999999999999", 400), ("/messages?page=0", 400),
+            ("/messages?page=x", 400), (f"/objects/{amr}/sheffield", 404), (f"/objects/{amr}/sheffield/" + "a" * 300 + ".csv", 404),
+            ("/no/such/page", 404), ("/messages/nobody", 404), ("release without a token", 403), ("release when stored", 409)]
+        assert b"page must be a number from 1 to 1,000,000" in answers[0][1][2]
+        assert not [r for r in caplog.records if r.exc_info or r.levelname == "ERROR"]
+        failed = config.spool.path / "failed"
+        failed.rename(config.spool.path / "failed.aside")
+        failed.write_text("a file where a folder should be")
+        answers.append(("broken spool", browser.request("/")))
+        failed.unlink()
+        (config.spool.path / "failed.aside").rename(failed)
+        assert answers[-1][1][0] == 500
+        answers.append(("a page", browser.request("/")))
+        for path, (status, headers, _) in answers:
+            assert "default-src 'none'" in headers["Content-Security-Policy"], path
+            assert (headers["X-Frame-Options"], headers["X-Content-Type-Options"], headers["Cache-Control"]) == ("DENY", "nosniff", "no-store"), path
+            assert "Server" not in headers, (path, headers.get("Server"))
+
+
+@local
+async def test_twenty_wrong_passwords_in_a_minute_get_429_until_it_has_passed(config, caplog):
+    """The 21st try from an address within a minute is 429, the right password too, until a minute after its first failure;
+    others (another address behind the local proxy) still get in; one warning per minute; /metrics counts the wrong passwords."""
+    now = [1000.0]
+    guesser = {"X-Forwarded-For": "198.51.100.7"}
+
+    def failures() -> float:
+        return float(re.search(r"^esmail_http_login_failures_total (\S+)$", Browser(server, PASSWORD).get("/metrics"), re.M).group(1))
+
+    with caplog.at_level("INFO", logger="esmail"), RunningDaemon(with_page(config, PASSWORD)) as server:
+        server.daemon.monitor.logins.clock = lambda: now[0]
+        before = failures()
+        assert [Browser(server, f"guess {n}").request("/", headers=guesser)[0] for n in range(20)] == [401] * 20
+        status, headers, body = Browser(server, "guess 21").request("/", headers=guesser)
+        assert status == 429 and headers["Retry-After"] == "60" and b"too many wrong passwords from 198.51.100.7" in body
+        assert "default-src 'none'" in headers["Content-Security-Policy"]
+        now[0] += 30
+        assert Browser(server, PASSWORD).request("/", headers=guesser)[0] == 429
+        assert Browser(server, PASSWORD).request("/", headers={"X-Forwarded-For": "203.0.113.9, 198.51.100.7"})[0] == 429  # the proxy's entry is last
+        assert Browser(server, PASSWORD).request("/", headers={"X-Forwarded-For": "203.0.113.9"})[0] == 200
+        assert Browser(server, PASSWORD).request("/")[0] == 200  # loopback itself, not throttled
+        assert Browser(server, "guess 22").request("/healthz", headers=guesser)[0] == 200
+        now[0] += 29.9
+        assert Browser(server, PASSWORD).request("/", headers=guesser)[0] == 429
+        assert failures() - before == 21  # the 20, and the wrong one answered 429
+        now[0] += 0.1
+        assert Browser(server, PASSWORD).request("/", headers=guesser)[0] == 200
+        warnings = [r.getMessage() for r in caplog.records if "wrong passwords" in r.getMessage()]
+        assert warnings == ["page: 20 wrong passwords from 198.51.100.7 within 60 s: it gets 429 for the next 60 s"]
+        assert [Browser(server, "again").request("/", headers=guesser)[0] for n in range(21)] == [401] * 20 + [429]
+        assert len([r for r in caplog.records if "wrong passwords" in r.getMessage()]) == 2
+
+
+def non_loopback_address() -> str:
+    """This host's address on its outgoing interface (no packet is sent), or skip."""
+    import socket
+
+    with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as probe:
+        try:
+            probe.connect(("192.0.2.1", 9))
+        except OSError:
+            pytest.skip("this host has no non-loopback IPv4 address")
+        return probe.getsockname()[0]
+
+
+@local
+def test_x_forwarded_for_counts_only_from_a_proxy_on_this_host(config):
+    """From a peer that is not loopback, X-Forwarded-For is the client's own word: a guesser naming a new address each time
+    is still throttled at 20, and X-Forwarded-Proto does not make the cookie Secure."""
+    address = non_loopback_address()
+    config = with_page(config, PASSWORD)
+    with RunningDaemon(replace(config, http=replace(config.http, listen=Address("0.0.0.0", 0)))) as server:
+        status, headers, _ = Browser(server, PASSWORD, host=address).request("/", headers={"X-Forwarded-Proto": "https"})
+        assert status == 200 and "Secure" not in headers["Set-Cookie"]
+        statuses = [Browser(server, "guess", host=address).request("/", headers={"X-Forwarded-For": f"198.51.100.{n}"})[0]
+                    for n in range(21)]
+        assert statuses == [401] * 20 + [429]
+        assert Browser(server, PASSWORD, host=address).request("/")[0] == 429
+        assert Browser(server, PASSWORD).request("/")[0] == 200  # loopback is another address
+
+
+def test_the_login_throttle_remembers_a_bounded_number_of_addresses():
+    """Past TRACKED_ADDRESSES the oldest address is forgotten first; the newest stays throttled."""
+    from esmail.web.access import LOGIN_LIMIT, TRACKED_ADDRESSES, Logins
+
+    now = [0.0]
+    logins = Logins(clock=lambda: now[0])
+    for n in range(TRACKED_ADDRESSES + 1):
+        now[0] += 0.001
+        logins.failed(f"10.0.{n // 256}.{n % 256}")
+    assert len(logins.windows) == TRACKED_ADDRESSES and "10.0.0.0" not in logins.windows
+    for _ in range(LOGIN_LIMIT):
+        logins.failed("2001:db8::1")
+    assert logins.throttled("2001:db8::1") == pytest.approx(60) and logins.throttled("10.0.0.1") == 0

@@ -28,7 +28,7 @@ from esmail.store.base import Store
 
 TMP_DIR = ".esmail-tmp"
 _FOLDER = os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC
-_NOT_THERE = (errno.ENOENT, errno.ENOTDIR, errno.ELOOP)  # missing, a file where a folder should be, a link
+_NOT_THERE = (errno.ENOENT, errno.ENOTDIR, errno.ELOOP, errno.ENAMETOOLONG)  # missing, a file where a folder should be, a link, a name too long
 
 
 class LocalStore(Store):

@@ -18,13 +18,13 @@ from typing import TYPE_CHECKING
 
 from aiohttp import web
 
-from esmail.web.access import middlewares
+from esmail.web.access import protect
 from esmail.web.views import Views
 
 if TYPE_CHECKING:
     from esmail.daemon import Daemon
 
-__all__ = ["middlewares", "setup"]
+__all__ = ["protect", "setup"]
 
 
 def setup(app: web.Application, daemon: "Daemon") -> None:

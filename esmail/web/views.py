@@ -28,6 +28,7 @@ log = logging.getLogger(__name__)
 
 HERE = Path(__file__).parent
 _ID = re.compile(r"[0-9A-Za-z][0-9A-Za-z-]{0,80}")  # a spool id: it names files, so nothing else gets near the spool
+MAX_PAGE = 1_000_000  # 50 million messages back: far more than a history holds, and well inside a 64-bit OFFSET
 NOTES = {  # what a redirect after an action says (?done=): fixed texts, never the query's own
     "retry": "Queued again: the worker takes it now.",
     "release": "Released: it is processed now as if its feed had let it through.",
@@ -154,9 +155,11 @@ class Views:
         if state and state not in STATES:
             raise web.HTTPBadRequest(text=f"400: state must be one of {', '.join(STATES)}\n")
         try:
-            page = max(int(query.get("page", "1")), 1)
+            page = int(query.get("page", "1"))
         except ValueError:
-            raise web.HTTPBadRequest(text="400: page must be a number\n") from None
+            page = 0
+        if not 1 <= page <= MAX_PAGE:
+            raise web.HTTPBadRequest(text=f"400: page must be a number from 1 to {MAX_PAGE:,}\n")
         return query.get("prefix", "").strip().lower()[:100], state, query.get("q", "").strip()[:200], page, query.get("host", "").strip()[:255]
 
     def _known_prefixes(self) -> list[str]:
