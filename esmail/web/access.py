@@ -76,7 +76,7 @@ def signing_key(spool: Path) -> bytes:
         key = path.read_bytes()
     except FileNotFoundError:
         key = b""
-    if len(key) < 32:  # none yet (or cut short by a crash while it was made)
+    if len(key) < 32:  # none yet (or an empty or damaged one)
         key = secrets.token_bytes(32)
         tmp = path.with_name(f".{SECRET_FILE}.tmp")
         fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
