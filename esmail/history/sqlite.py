@@ -51,6 +51,8 @@ _MIGRATIONS = {
 ALTER TABLE messages ADD COLUMN host TEXT NOT NULL DEFAULT '';
 ALTER TABLE outcomes ADD COLUMN event TEXT;
 CREATE UNIQUE INDEX outcomes_by_event ON outcomes (event);
+CREATE INDEX messages_by_host ON messages (host);
+CREATE INDEX message_prefixes_by_time ON message_prefixes (received);
 CREATE TABLE late_feeds (prefix TEXT PRIMARY KEY, since TEXT NOT NULL, host TEXT NOT NULL);
 CREATE TABLE actions (
     seq INTEGER PRIMARY KEY AUTOINCREMENT, id TEXT NOT NULL, host TEXT NOT NULL, action TEXT NOT NULL, by TEXT NOT NULL,
