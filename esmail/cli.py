@@ -24,6 +24,8 @@ def main(argv: list[str] | None = None) -> int:
     parser = _parser()
     args = parser.parse_args(argv)
     logs.setup(getattr(args, "log_level", args.default_log_level), getattr(args, "log_format", "text"))
+    if args.run is _env_file:  # reads no config: it sets up the environment a config's secrets come from
+        return _env_file(args)
     try:
         config = config_module.load(getattr(args, "config", None))
     except ConfigError as exc:
@@ -138,7 +140,41 @@ def _parser() -> argparse.ArgumentParser:
                                 description="Print the effective configuration (secrets masked), check that each bucket is reachable and "
                                             "writable, and log in to each [[imap]] mailbox and count its messages.")
     check.set_defaults(run=_run(_check_config), writes=True)
+
+    env_file = commands.add_parser("env-file", help="read an environment file as systemd does; run a command with it",
+                                   description="Read FILE as systemd's EnvironmentFile= reads it (KEY=VALUE lines; # or ; "
+                                               "starts a comment line; no comments after a value; quotes and backslashes as "
+                                               "in docs/configuration.md#environment-files) and run COMMAND with those variables "
+                                               "added to the environment (esmail-admin does). Without COMMAND, list each "
+                                               "variable with its length (values are not shown). A missing FILE sets nothing.")
+    env_file.add_argument("file", metavar="FILE", help="e.g. /etc/esmail/env")
+    env_file.add_argument("command", nargs=argparse.REMAINDER, metavar="COMMAND …", help="the command to run, with its arguments")
+    env_file.set_defaults(run=_env_file)
     return parser
+
+
+def _env_file(args) -> int:
+    from esmail import envfile
+
+    try:
+        values, ignored = envfile.read(args.file)
+    except ConfigError as exc:
+        print(f"esmail env-file: {exc}", file=sys.stderr)
+        return 2
+    for note in ignored:
+        print(f"esmail env-file: {note}", file=sys.stderr)
+    if args.command:
+        try:
+            os.execvpe(args.command[0], args.command, {**os.environ, **values})
+        except OSError as exc:
+            print(f"esmail env-file: cannot run {args.command[0]}: {exc.strerror or exc}", file=sys.stderr)
+            return 127
+    if not Path(args.file).exists():
+        print(f"{args.file}: no such file (systemd starts the service without it: EnvironmentFile=-…)")
+    for name, value in values.items():
+        problem = config_module.secret_problem(value)
+        print(f"{name}: {len(value)} characters{f'; {problem}' if problem else ''}")
+    return 0
 
 
 def _run(coroutine):

@@ -2,7 +2,8 @@
 
 This is the one module that reads the environment: secrets come from the
 process environment or from `.env.{stage}` beside the config file (or in the
-working directory when there is no file), never from the TOML.
+working directory when there is no file; read as systemd reads an
+EnvironmentFile=, esmail/envfile.py), never from the TOML.
 """
 
 from __future__ import annotations
@@ -25,6 +26,7 @@ SECRET_NAMES = (
     "AWS_SECRET_ACCESS_KEY",
     "AWS_SESSION_TOKEN",
 )
+PLACEHOLDERS = ("0123456789abcdef0123456789abcdef",)  # the example token of the env file's template in docs/operations.md
 
 _SIZE = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*(B|KB|MB|GB|KiB|MiB|GiB)?\s*$")
 _UNITS = {None: 1, "B": 1, "KB": 10**3, "MB": 10**6, "GB": 10**9, "KiB": 2**10, "MiB": 2**20, "GiB": 2**30}
@@ -519,7 +521,8 @@ def load(path: str | os.PathLike | None = None, environ: Mapping[str, str] | Non
             raise ConfigError(f"{source}: not valid TOML: {exc}") from None
     where = str(source or "the embedded default")
     config = _build(data, where)
-    config = replace(config, source=source, secrets=_secrets(config.stage, source, environ, secret_names(config)))
+    secrets, ignored = _secrets(config.stage, source, environ, secret_names(config))
+    config = replace(config, source=source, secrets=secrets, warnings=config.warnings + tuple(ignored))
     return _checked(config, where)
 
 
@@ -663,11 +666,18 @@ def _checked(config: Config, where: str) -> Config:
                           f"put the page's password in it (or in .env.{config.stage})")
     if http.listen and http.listen.port == smtp.listen.port and (http.listen.host == smtp.listen.host or "0.0.0.0" in (http.listen.host, smtp.listen.host)):
         raise ConfigError(f"{where}: [http] listen and [smtp] listen are both {http.listen}: give the page another port, e.g. \"127.0.0.1:9025\"")
+    warnings = list(config.warnings)
+    for name, value in config.secrets.items():
+        if problem := secret_problem(value):
+            if is_placeholder(value):
+                raise ConfigError(f"{where}: {name} (environment or .env.{config.stage}): {problem}")
+            warnings.append(f"{name} (environment or .env.{config.stage}): {problem}")
     token = config.secrets.get("ROLLBAR_ACCESS_TOKEN")
     if token and not re.fullmatch(r"[0-9a-f]{32}", token):
+        comment = f" ({secret_problem(token)})" if secret_problem(token) else ""
         raise ConfigError(f"{where}: ROLLBAR_ACCESS_TOKEN (environment or .env.{config.stage}) is not a Rollbar access token "
                           "(32 hexadecimal characters, from Project → Settings → Project Access Tokens, post_server_item); "
-                          "leave it unset to report to nobody")
+                          f"leave it unset to report to nobody{comment}")
     if http.listen and not http.password_env and not is_loopback(http.listen.host):
         raise ConfigError(f"{where}: [http] listen = \"{http.listen}\" is reachable from other hosts, and the page lets people "
                           "read messages and release them: set [http] password_env (HTTP Basic), or listen on 127.0.0.1 "
@@ -677,7 +687,22 @@ def _checked(config: Config, where: str) -> Config:
                           'declare the feeds (a [[feed]] table with prefix = "…" each) or set unknown_feeds = "accept"')
     if len(set(vars(config.buckets).values())) != 3:
         raise ConfigError(f"{where}: [buckets] inbox, amr_data and unprocessable must be three different buckets")
-    return config
+    return replace(config, warnings=tuple(warnings))
+
+
+def is_placeholder(value: str) -> bool:
+    """A secret's value copied from a template: the example token, or anything with an ellipsis (`AKIA…`)."""
+    return value in PLACEHOLDERS or "…" in value
+
+
+def secret_problem(value: str) -> str | None:
+    """What looks wrong with a secret's value as written (a placeholder, a comment kept in it), or None."""
+    if is_placeholder(value):
+        return "this is the placeholder of a template, not a real value: put the real value in, or remove the line"
+    if re.search(r"\s#", value):
+        return ("it holds ' #': systemd's EnvironmentFile= (and a .env file) keeps a comment written after a value "
+                "as part of the value; put comments on lines of their own")
+    return None
 
 
 def _https_or_local(url: str) -> bool:
@@ -701,13 +726,11 @@ def secret_names(config: Config) -> list[str]:
     return list(dict.fromkeys([*SECRET_NAMES, *named, *optional]))
 
 
-def _secrets(stage: str, source: Path | None, environ: Mapping[str, str], names: list[str]) -> dict[str, str]:
-    """Secrets from `.env.{stage}` (beside the config file, else the working directory), the environment winning."""
-    env_file = (source.parent if source else Path.cwd()) / f".env.{stage}"
-    values = {}
-    if env_file.is_file():
-        from dotenv import dotenv_values  # only where there is such a file: it costs a tenth of a short command's start
+def _secrets(stage: str, source: Path | None, environ: Mapping[str, str], names: list[str]) -> tuple[dict[str, str], list[str]]:
+    """Secrets from `.env.{stage}` (beside the config file, else the working directory), the environment winning;
+    and a note for each line of that file that systemd would ignore."""
+    from esmail import envfile
 
-        values = {k: v for k, v in dotenv_values(env_file).items() if v is not None}
-    values.update({k: v for k, v in environ.items()})
-    return {name: values[name] for name in names if values.get(name)}
+    values, ignored = envfile.read((source.parent if source else Path.cwd()) / f".env.{stage}")
+    values.update(environ)
+    return {name: values[name] for name in names if values.get(name)}, ignored

@@ -9,6 +9,7 @@
     └── ActionRefused      a retry or release asked for an entry that is not (or no longer) where it needs to be
 """
 
+import errno
 import os
 
 
@@ -37,9 +38,19 @@ class ConversionCrashed(TemporaryFailure):
 
 
 class CannotListen(EsmailError):
-    """`esmail serve` cannot open a configured port; the message names the key."""
+    """`esmail serve` cannot open a configured port; the message names the key and what to look at."""
 
     def __init__(self, key: str, address, exc: OSError):
-        hint = " (ports below 1024 need root or CAP_NET_BIND_SERVICE)" if address.port < 1024 else ""
-        reason = os.strerror(exc.errno) if exc.errno else str(exc)  # asyncio's strerror repeats the address
-        super().__init__(f"cannot listen on {address} ({key}): {reason}{hint}")
+        self.errno, self.strerror = exc.errno, exc.strerror
+        reason = os.strerror(exc.errno) if exc.errno else (exc.strerror or str(exc))  # asyncio's strerror repeats the address
+        super().__init__(f"cannot listen on {address} ({key}): {reason}{_hint(address.port, exc.errno)}")
+
+
+def _hint(port: int, error: int | None) -> str:
+    if error == errno.EADDRINUSE:
+        mta = "; on port 25 that is usually the system's own mail server (exim4, postfix): systemctl disable --now exim4" \
+            if port == 25 else ""
+        return f" (another program holds it: ss -ltnp 'sport = :{port}' shows which{mta})"
+    if error == errno.EACCES and port < 1024:
+        return " (ports below 1024 need root or CAP_NET_BIND_SERVICE, which the systemd unit grants)"
+    return ""

@@ -99,7 +99,7 @@ class Receivers:
         loop.add_reader(process.sentinel, self._ended, child)
         error = await started
         if error:
-            raise CannotListen("[smtp] listen", self.config.smtp.listen, OSError(0, error))
+            raise CannotListen("[smtp] listen", self.config.smtp.listen, OSError(*error) if isinstance(error, tuple) else OSError(0, error))
 
     def _message(self, child: "_Child", started: asyncio.Future | None = None) -> bool:
         """What a receiver says: ready (or why not), an entry it spooled, its counts; False once it can say no more."""
@@ -209,7 +209,7 @@ def run_receiver(config: Config, index: int, pipe: Connection, log_settings: tup
     try:
         asyncio.run(_receive(config, index, pipe))
     except CannotListen as exc:
-        pipe.send(("error", str(exc)))
+        pipe.send(("error", (exc.errno, exc.strerror)))
 
 
 async def _receive(config: Config, index: int, pipe: Connection) -> None:

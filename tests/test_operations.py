@@ -1,5 +1,6 @@
 """Running esmail as a service: the systemd unit and the notify protocol, as systemd would see them."""
 
+import errno
 import http.server
 import json
 import os
@@ -195,7 +196,23 @@ def test_a_port_that_cannot_be_bound_names_its_key(tmp_path, key):
                         f'[{key}]\nlisten = "127.0.0.1:{port}"\n[{other}]\nlisten = "127.0.0.1:{free_port()}"\n')
         result = subprocess.run([sys.executable, "-m", "esmail", "--config", str(toml), "serve"], capture_output=True, text=True, timeout=60)
     assert result.returncode == 1
-    assert f"esmail serve: cannot listen on 127.0.0.1:{port} ([{key}] listen): Address already in use" in result.stderr
+    assert f"esmail serve: cannot listen on 127.0.0.1:{port} ([{key}] listen): Address already in use (another program holds it: " \
+           f"ss -ltnp 'sport = :{port}' shows which)" in result.stderr
+
+
+@pytest.mark.parametrize("error, says", [
+    (errno.EADDRINUSE, "cannot listen on 0.0.0.0:25 ([smtp] listen): Address already in use (another program holds it: "
+                       "ss -ltnp 'sport = :25' shows which; on port 25 that is usually the system's own mail server (exim4, "
+                       "postfix): systemctl disable --now exim4)"),
+    (errno.EACCES, "cannot listen on 0.0.0.0:25 ([smtp] listen): Permission denied (ports below 1024 need root or "
+                   "CAP_NET_BIND_SERVICE, which the systemd unit grants)"),
+])
+def test_port_25_taken_or_forbidden_says_which_and_what_to_do(error, says):
+    """In use: another MTA, and how to see it; refused: the capability. Each hint only where it applies."""
+    from esmail.config import Address
+    from esmail.errors import CannotListen
+
+    assert str(CannotListen("[smtp] listen", Address("0.0.0.0", 25), OSError(error, os.strerror(error)))) == says
 
 
 class Recorder(http.server.ThreadingHTTPServer):

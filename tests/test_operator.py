@@ -112,10 +112,11 @@ def test_a_spool_that_cannot_be_made_is_a_config_error_not_a_traceback(tmp_path)
 
 
 def test_a_malformed_rollbar_token_is_refused_at_start(tmp_path):
-    """The env file's literal `…` placeholder made every report fail with a UnicodeEncodeError; now it stops the start."""
+    """A token that is not 32 hex characters stops the start, and says so when a comment was kept in it."""
     result = subprocess.run([sys.executable, "-m", "esmail", "check-config"], capture_output=True, text=True, cwd=tmp_path,
-                            env={**os.environ, "ROLLBAR_ACCESS_TOKEN": "…"}, timeout=60)
+                            env={**os.environ, "ROLLBAR_ACCESS_TOKEN": "d00dfeedd00dfeedd00dfeedd00dfeed   # Rollbar"}, timeout=60)
     assert result.returncode == 2 and "ROLLBAR_ACCESS_TOKEN (environment or .env.development) is not a Rollbar access token" in result.stderr
+    assert "keeps a comment written after a value as part of the value" in result.stderr
 
 
 def test_config_errors_follow_log_format_json(tmp_path):
