@@ -35,7 +35,8 @@ def main(argv: list[str] | None = None) -> int:
     if getattr(args, "writes", False) and hasattr(os, "geteuid") and os.geteuid() == 0:
         log.warning("running as root: what it creates (the spool, local buckets) will belong to root, and the service, "
                     "which runs as its own user, cannot use it; run commands as that user (sudo -u esmail …, or esmail-admin)")
-    report.setup(config)
+    if not report.setup(config):
+        log.info("ROLLBAR_ACCESS_TOKEN is not set: problems are logged, not reported to Rollbar")
     try:
         return args.run(config, args)
     except ConfigError as exc:  # found only now: a spool folder that cannot be made or written
@@ -94,8 +95,8 @@ def _parser() -> argparse.ArgumentParser:
                                 description="Inspect the spool: messages waiting to be stored, those that failed for good, "
                                             "and those a feed's policy quarantined.")
     spool_commands = spool.add_subparsers(title="spool commands", required=True, metavar="ACTION")
-    spool_list = spool_commands.add_parser("list", parents=[common], help="pending, failed and quarantined entries",
-                                           description="One row per pending or failed entry (id, state, age, recipients, attempts, "
+    spool_list = spool_commands.add_parser("list", parents=[common], help="queued, failed and quarantined entries",
+                                           description="One row per queued or failed entry (id, state, age, recipients, attempts, "
                                                        "last error) and per quarantined entry and prefix (the reason names the From).")
     spool_list.set_defaults(run=_spool_list)
     spool_retry = spool_commands.add_parser("retry", parents=[common], help="move failed entries (all, or those named) back to the queue",
@@ -395,7 +396,7 @@ async def _check_config(config: Config, args) -> int:
         if box.auth == "oauth2":
             expires = datetime.fromtimestamp(login.tokens.expires_at, timezone.utc)
             token = f"; OAuth2 token ({login.tokens.grant} grant) valid until {expires:%Y-%m-%d %H:%M:%S} UTC"
-        print(f"ok      imap {box}: {count} messages in {box.folder}{token}")
+        print(f"ok      imap {box}: {logs.counted(count, 'message')} in {box.folder}{token}")
     return status
 
 
@@ -512,7 +513,7 @@ def _spool_list(config: Config, args) -> int:
         return 1
     now = datetime.now(timezone.utc)
     rows = [("ID", "STATE", "AGE", "RECIPIENTS", "ATTEMPTS", "LAST ERROR")]
-    for state, ids, folder in (("pending", spool.pending(), spool.queue), ("failed", spool.failed_ids(), spool.failed),
+    for state, ids, folder in (("queued", spool.pending(), spool.queue), ("failed", spool.failed_ids(), spool.failed),
                                ("quarantined", spool.quarantined_ids(), spool.quarantine_dir)):
         for entry_id in ids:
             try:
@@ -562,5 +563,5 @@ def _spool_retry(config: Config, args) -> int:
         print(f"esmail spool retry: not in {spool.failed}: {', '.join(missing)} (see `esmail spool list`)", file=sys.stderr)
         return 1
     moved = spool.retry(args.ids or None)
-    print(f"{len(moved)} entr{'y' if len(moved) == 1 else 'ies'} moved back to the queue; a running esmail serve takes them within a minute")
+    print(f"{logs.counted(len(moved), 'entry', 'entries')} moved back to the queue; a running esmail serve takes them within a minute")
     return 0

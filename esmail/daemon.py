@@ -114,7 +114,7 @@ class Daemon:
             await asyncio.to_thread(self.history.close)
             await self.store.close()
             self.notifier.close()
-        log.info("stopped; %d entries wait in the spool", len(self.spool.pending()))
+        log.info("stopped; %s in the spool", logs.counted(len(self.spool.pending()), "entry waits", "entries wait"))
         return 0
 
     def stop(self) -> None:
@@ -127,7 +127,7 @@ class Daemon:
 
     def status(self) -> str:
         """One line for `systemctl status`: the queue as the spool holds it."""
-        where = f"listening on {self.config.smtp.listen}" if self.smtp else f"polling {len(self.mailboxes)} mailboxes"
+        where = f"listening on {self.config.smtp.listen}" if self.smtp else f"polling {logs.counted(len(self.mailboxes), 'mailbox', 'mailboxes')}"
         return f"{len(self.spool.pending())} queued, {len(self.spool.failed_ids())} failed; {where}"
 
     async def _heartbeat(self) -> None:
@@ -234,7 +234,7 @@ class Daemon:
         for mailbox in self.mailboxes:
             log.info("watching the mailbox %s (IDLE, and a poll every %.0fs)", mailbox.config, mailbox.config.poll_interval)
         if self.smtp is None:
-            log.info("no SMTP server (esmail poll); spool %s, %d entries waiting", self.spool.path, len(self.spool.pending()))
+            log.info("no SMTP server (esmail poll); spool %s, %s waiting", self.spool.path, logs.counted(len(self.spool.pending()), "entry", "entries"))
             return
         for feed in self.config.feeds:
             who = ", ".join(feed.senders) or "anyone"
@@ -242,6 +242,7 @@ class Daemon:
                      ", authenticated" if feed.authenticated else "")
         if not smtp.domains:
             log.warning("[smtp] domains is empty: mail for any domain is accepted (fine on localhost, an open door on the internet)")
-        log.info("listening on %s (port %d), spool %s, %d entries waiting", smtp.listen, self.smtp.port, self.spool.path, len(self.spool.pending()))
+        log.info("listening on %s (port %d), spool %s, %s waiting", smtp.listen, self.smtp.port, self.spool.path,
+                 logs.counted(len(self.spool.pending()), "entry", "entries"))
         if self.monitor:
-            log.info("/healthz and /metrics on http://%s (port %d)", self.config.http.listen, self.monitor.port)
+            log.info("the page, /healthz and /metrics on http://%s (port %d)", self.config.http.listen, self.monitor.port)

@@ -25,6 +25,7 @@ from datetime import datetime, timezone
 from email.message import EmailMessage
 
 from esmail import mail, report
+from esmail.logs import counted
 from esmail.config import ImapConfig
 from esmail.errors import TemporaryFailure
 from esmail.spool import Spool
@@ -73,7 +74,7 @@ class Mailbox:
                     while not self._stopping.is_set():
                         self.fetch(conn)
                         if failures:  # a whole round worked: the outage is over
-                            log.info("%s: connected again after %d failed attempts", self.config, failures)
+                            log.info("%s: connected again after %s", self.config, counted(failures, "failed attempt"))
                             failures = 0
                         self.problem = None
                         self._wait(conn)
@@ -273,4 +274,8 @@ def describe(exc: BaseException, config: ImapConfig | None = None) -> str:
         return f"login refused (check username and {check}): {exc}"
     if isinstance(exc, socket.timeout):
         return f"no answer within {IO_TIMEOUT:.0f}s"
+    if isinstance(exc, ssl.SSLCertVerificationError):
+        return (f"its TLS certificate is not trusted ({exc.verify_message}): check the host name; for a server with a private CA "
+                "or a self-signed certificate, put SSL_CERT_FILE=/path/to/its-ca.pem in the service's environment "
+                "(/etc/esmail/env)")
     return f"{type(exc).__name__}: {exc}"

@@ -20,6 +20,7 @@ from aiohttp.abc import ResolveResult
 
 from esmail.config import DEFAULT_PORTS, LinksConfig
 from esmail.keys import safe_path
+from esmail.logs import counted
 
 MAX_LINKS = 5  # per message
 MAX_REDIRECTS = 5
@@ -99,7 +100,7 @@ async def _with_retries(session: aiohttp.ClientSession, url: str, config: LinksC
             return LinkFailed(str(exc), url)
         except _Transient as exc:
             if attempt == config.attempts:
-                return LinkFailed(f"{exc} (after {attempt} attempts)", url)
+                return LinkFailed(f"{exc} (after {counted(attempt, 'attempt')})", url)
             await asyncio.sleep(2 ** (attempt - 1))
     raise AssertionError("unreachable")
 

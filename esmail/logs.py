@@ -33,6 +33,11 @@ class JsonFormatter(logging.Formatter):
 _settings = ("info", "text")
 
 
+def counted(n: int, singular: str, plural: str = "") -> str:
+    """`1 entry`, `2 entries`: a count as a line says it."""
+    return f"{n:,} {singular if n == 1 else plural or singular + 's'}"
+
+
 def current() -> tuple[str, str]:
     """The level and format `setup` was given last (for processes the daemon starts)."""
     return _settings

@@ -20,18 +20,19 @@ _enabled = False
 rollbar = None  # the module, imported only when there is a token (it brings requests: a fifth of a second)
 
 
-def setup(config: Config) -> None:
+def setup(config: Config) -> bool:
+    """Report to Rollbar when there is a token; whether there is (the caller says so, once per daemon)."""
     global _enabled, rollbar
     token = config.secrets.get("ROLLBAR_ACCESS_TOKEN")
     if not token:
-        log.info("ROLLBAR_ACCESS_TOKEN is not set: problems are logged, not reported to Rollbar")
-        return
+        return False
     import rollbar
 
     rollbar.init(token, environment=config.stage, endpoint=config.rollbar.endpoint, handler="thread",
                  locals={"enabled": False}, capture_ip=False, include_request_body=False, log_payload_on_error=False,
                  suppress_reinit_warning=True)
     _enabled = True
+    return True
 
 
 def problem(message: str, level: str = "error", **details: str) -> None:

@@ -66,6 +66,7 @@ class EntryState:
     reason: str = ""  # why it failed for good (failed/ only)
     crashes: int = 0  # conversions of this entry that killed their process
     authentication: dict | None = None  # the final results, so that a replay stores the same inbox copy
+    inbox_header: str | None = None  # the Authentication-Results a give-up stored the inbox copy with ("": none); reused
 
 
 @dataclass
@@ -314,6 +315,10 @@ class Spool:
         entry.state.authentication = authentication
         self._write_state(entry.id, entry.state)
 
+    def record_inbox_header(self, entry: Entry, header: str) -> None:
+        entry.state.inbox_header = header
+        self._write_state(entry.id, entry.state)
+
     def record_attempt(self, entry: Entry, error: str, crashed: bool = False) -> EntryState:
         state = entry.state
         state.attempts += 1
@@ -344,7 +349,8 @@ class Spool:
             source = self.failed / (entry_id + SUFFIX)
             if not source.exists():
                 raise KeyError(entry_id)
-            (self.state / f"{entry_id}.json").unlink(missing_ok=True)
+            state = self.read_state(entry_id)  # a new count of attempts; the inbox copy's results stay, for one copy
+            self._write_state(entry_id, EntryState(authentication=state.authentication, inbox_header=state.inbox_header))
             (self.failed / f"{entry_id}.reason").unlink(missing_ok=True)
             os.rename(source, self.queue / (entry_id + SUFFIX))
             moved.append(entry_id)

@@ -23,9 +23,10 @@ from esmail import history, links, mail, metrics, report
 from esmail.chain import INBOX, UNPROCESSABLE
 from esmail.config import Config
 from esmail.conversion import Converted, convert_entry, route_all, start_process
-from esmail.errors import ConversionCrashed, TemporaryFailure
+from esmail.errors import ConversionCrashed, NeedsFixing, TemporaryFailure
 from esmail.history import FileRow, History
-from esmail.spool import Entry, Envelope, Spool
+from esmail.logs import counted
+from esmail.spool import Entry, EntryState, Envelope, Spool
 from esmail.store import Store
 
 if TYPE_CHECKING:  # the checks themselves (dkimpy, pyspf, dnspython) are imported only where feeds are declared
@@ -61,6 +62,7 @@ class Worker:
         self.history = history
         self.executor: ProcessPoolExecutor | None = self._new_pool() if processes else None
         self.store_error: str | None = None  # the last store write's failure; None once one succeeds (/healthz)
+        self._told = False  # a NeedsFixing went to Rollbar since the last write that worked: once is enough
 
     def close(self) -> None:
         if self.executor is not None:
@@ -94,7 +96,7 @@ class Worker:
             except Exception as exc:  # the message itself broke the parser: keep it whole, in failed/ too
                 return await self._give_up(entry, f"cannot process the message: {type(exc).__name__}: {exc}", started)
         raw = self.spool.message(entry)  # for the inbox copy, read only now: the conversion read its own
-        copy = auth.prepended(raw) if auth is not None else raw
+        copy = inbox_copy(raw, state, auth)
         outputs = converted.outputs
         if converted.links and passing:
             outputs = await self._in_pool(alone, route_all, await self._download(envelope, converted.links), self.config.csv.ascii_only)
@@ -126,6 +128,8 @@ class Worker:
         self._log_message(envelope, len(raw), outcome, started, objects=len(files), inline_images=converted.inline_images,
                           auth=auth, quarantined=list(refused))
         reasons = "; ".join(f"{prefix}: {refusal}" for prefix, refusal in refused.items())
+        if envelope.held:  # the history says what was overridden, as the log does
+            reasons = "; ".join(f"{prefix}: released by an operator, overriding: {why}" for prefix, why in envelope.held.items())
         await self._record(envelope, raw, history.RELEASED if envelope.held else outcome, started, state.attempts + 1, files,
                            {prefix: history.QUARANTINED if prefix in refused else history.STORED for prefix in envelope.folders},
                            auth, reasons)
@@ -194,13 +198,13 @@ class Worker:
         """The one line per message: who sent what to whom, how it was authenticated, and how it ended."""
         seconds = round(time.monotonic() - started, 3)
         prefixes = list(envelope.folders) or [NO_PREFIX]
-        skipped = f", {inline_images} inline images skipped" if inline_images else ""
+        skipped = f", {counted(inline_images, 'inline image')} skipped" if inline_images else ""
         held = f", quarantined for {','.join(quarantined)}" if quarantined and outcome != "quarantined" else ""
         results = f"; {auth.summary}" if auth is not None else ""
         extra = {"authentication": auth.summary} if auth is not None else {}
         log.log(logging.ERROR if outcome == "failed" else logging.INFO,
-                "%s: %s; from %s <%s> for %s, %d bytes, %d objects, %.2fs%s%s%s", envelope.id, outcome, envelope.client or envelope.origin,
-                envelope.sender, ",".join(prefixes), size, objects, seconds, skipped, held, results,
+                "%s: %s; from %s <%s> for %s, %d bytes, %s, %.2fs%s%s%s", envelope.id, outcome, envelope.client or envelope.origin,
+                envelope.sender, ",".join(prefixes), size, counted(objects, "object"), seconds, skipped, held, results,
                 extra={"spool_id": envelope.id, "client": envelope.client, "sender": envelope.sender, "prefixes": prefixes,
                        "size": size, "outcome": outcome, "objects": objects, "seconds": seconds, **extra})
 
@@ -268,12 +272,17 @@ class Worker:
                 await self._give_up(entry, CRASHED)
                 return None
             if state.attempts >= self.config.worker.max_attempts:
-                await self._give_up(entry, f"gave up after {state.attempts} attempts; the last error: {state.last_error}")
+                await self._give_up(entry, f"gave up after {counted(state.attempts, 'attempt')}; the last error: {state.last_error}")
                 return None
             delay = backoff(state.attempts)
             metrics.RETRIES.inc()
-            # WARNING the first time and every tenth: during an outage every queued entry fails, and once is news
-            level = logging.WARNING if state.attempts == 1 or state.attempts % 10 == 0 else logging.INFO
+            # WARNING the first time and every tenth: during an outage every queued entry fails, and once is news;
+            # ERROR for what will not pass by itself (a permission), reported once
+            loud = state.attempts == 1 or state.attempts % 10 == 0
+            level = (logging.ERROR if isinstance(exc, NeedsFixing) else logging.WARNING) if loud else logging.INFO
+            if isinstance(exc, NeedsFixing) and not self._told:
+                self._told = True
+                report.problem("esmail cannot write to its storage: a human must fix it", reason=str(exc), spool_id=entry_id)
             log.log(level, "%s: attempt %d of %d failed (%s); next in %.0fs", entry_id, state.attempts, self.config.worker.max_attempts, exc, delay)
             return delay
 
@@ -285,8 +294,13 @@ class Worker:
         report.problem("a message failed for good: its raw copy went to unprocessable, its entry to failed/",
                        prefix=",".join(envelope.folders) or NO_PREFIX, reason=reason, spool_id=envelope.id)
         files: list[FileRow] = []
+        state = entry.state
+        if state.inbox_header is None:  # a success after `spool retry` stores these same bytes in inbox, not a `-2` copy
+            self.spool.record_inbox_header(entry, state.authentication["header"] if state.authentication else "")
+        copy = inbox_copy(raw, state, None)
         try:
-            files += await self._put_message(envelope, raw, (INBOX, UNPROCESSABLE), self._places(envelope))
+            files += await self._put_message(envelope, copy, (INBOX,), self._places(envelope))
+            files += await self._put_message(envelope, raw, (UNPROCESSABLE,), self._places(envelope))
         except TemporaryFailure as exc:
             log.error("%s: cannot store the raw message either (%s); it is kept in %s", envelope.id, exc, self.spool.failed)
         attempts = entry.state.attempts
@@ -312,7 +326,7 @@ class Worker:
         except TemporaryFailure as exc:
             self.store_error = str(exc)
             raise
-        self.store_error = None
+        self.store_error, self._told = None, False
         if written.new:
             metrics.OBJECTS.labels(logical).inc()
             metrics.STORED_BYTES.labels(logical).inc(len(data))
@@ -336,6 +350,18 @@ class Worker:
                     raise
                 await asyncio.sleep(backoff(attempt, first_delay))
         raise AssertionError("unreachable")
+
+
+def inbox_copy(raw: bytes, state: EntryState, auth: Authentication | None) -> bytes:
+    """The raw message as the inbox bucket keeps it: with the Authentication-Results it was first stored with
+    (a give-up's, when there was one), else with these results; one copy, however often it is tried."""
+    if state.inbox_header is not None:
+        if not state.inbox_header:
+            return raw
+        from esmail.authentication import Authentication
+
+        auth = Authentication(state.inbox_header, "", False)
+    return auth.prepended(raw) if auth is not None else raw
 
 
 def backoff(attempts: int, first: float = 1.0) -> float:

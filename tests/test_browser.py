@@ -128,3 +128,26 @@ async def test_a_page_on_another_site_cannot_release_an_entry_but_the_page_itsel
         chrome.find_element(By.XPATH, "//button[text()='Release']").click()
         assert chrome.find_element(By.CSS_SELECTOR, "p.note").text.startswith("Released")
         assert await eventually(lambda: not server.spool.quarantined_ids())
+
+
+@pytest.mark.parametrize("config", ["local"], indirect=True)
+async def test_the_feeds_times_stay_on_one_line_at_1280_px(config, chrome):
+    """A laptop's 1280 px: "Last message" (time, UTC, how long ago) and "Last CSV stored" do not wrap, even beside long names."""
+    from selenium.webdriver.common.by import By
+
+    from conftest import free_port
+    from esmail.config import Address, DnsConfig, FeedConfig
+
+    declared = (FeedConfig("sheffield", "Sheffield City Council, half-hourly electricity via npower", expected_every=86400.0),
+                FeedConfig("leeds", "Leeds City Council, gas and electricity from three suppliers", expected_every=43200.0))
+    quiet_dns = DnsConfig(nameservers=(Address("127.0.0.1", free_port()),), timeout=0.5)  # no answers: quick temperror, open feeds
+    with RunningDaemon(replace(with_page(config), feeds=declared, dns=quiet_dns, worker=WorkerConfig(processes=1))) as server:
+        send(server, message(subject="March readings"))
+        assert await eventually(lambda: not server.spool.pending() and list(config.storage.path.rglob("export.csv")))
+        chrome.set_window_size(1280, 800)
+        chrome.get(f"http://127.0.0.1:{server.daemon.monitor.port}/")
+        [row] = [row for row in chrome.find_elements(By.CSS_SELECTOR, "table.feeds tbody tr") if row.get_attribute("data-prefix") == "sheffield"]
+        for cell in row.find_elements(By.CSS_SELECTOR, "td")[3:5]:
+            tops = chrome.execute_script("const r = document.createRange(); r.selectNodeContents(arguments[0]); "
+                                         "return [...r.getClientRects()].map(x => x.top)", cell)
+            assert "UTC" in cell.text and max(tops) - min(tops) < 10, f"{cell.text!r} wraps at 1280 px"

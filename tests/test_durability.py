@@ -82,7 +82,7 @@ def test_sigterm_stops_cleanly_and_keeps_unfinished_entries(tmp_path):
     time.sleep(0.5)
     assert server.terminate() == 0
     assert len(Spool(tmp_path / "spool").pending()) == 1
-    assert "stopped; 1 entries wait in the spool" in server.log.read_text()
+    assert "stopped; 1 entry waits in the spool" in server.log.read_text()
 
 
 @pytest.fixture
@@ -231,7 +231,7 @@ def test_spool_list_and_retry(tmp_path):
     listed = esmail("list")
     assert listed.returncode == 0, listed.stderr
     rows = {line.split()[0]: line for line in listed.stdout.splitlines()[1:]}
-    assert "pending" in rows[kept.id] and "waiting@x" in rows[kept.id] and "Could not connect" in rows[kept.id]
+    assert rows[kept.id].split()[1] == "queued" and "waiting@x" in rows[kept.id] and "Could not connect" in rows[kept.id]
     assert "failed" in rows[broken.id] and "gave up after 3 attempts" in rows[broken.id]
     unknown = esmail("retry", "no-such-id")
     assert unknown.returncode == 1 and "no-such-id" in unknown.stderr

@@ -6,6 +6,7 @@ need comes from the DNS server the suite starts on loopback.
 
 from __future__ import annotations
 
+import json
 import subprocess
 import urllib.request
 import sys
@@ -137,6 +138,12 @@ async def test_a_sender_not_listed_is_quarantined_and_listed_and_released(config
         server.loop.call_soon_threadsafe(server.daemon.scheduler.submit, entry_id)  # what the minute's rescan would do
         assert await eventually(lambda: objects(config, "amr_data"))
         assert await processed(server)
+        api = f"http://127.0.0.1:{server.daemon.monitor.port}/api/messages/{entry_id}"
+        outcomes = json.loads(urllib.request.urlopen(api, timeout=10).read())["outcomes"]
+    assert [(o["outcome"], o["reason"]) for o in outcomes] == [
+        ("quarantined", "sheffield: From someone@npower.example is not among the senders of the feed sheffield"),
+        ("released", "sheffield: released by an operator, overriding: From someone@npower.example is not among the senders "
+                     "of the feed sheffield")]
     assert list(objects(config, "amr_data").values()) == [STORED_CSV]
     assert server.spool.quarantined_ids() == [] and len(objects(config, "inbox")) == 1  # the same copy, not a second one
     assert esmail(toml, "spool", "release", entry_id).returncode == 1
@@ -265,6 +272,29 @@ async def test_dns_down_keeps_the_message_queued_until_it_answers(config, dns):
     outage.stop()
     results = inbox_copy(config, entry_id).decode()
     assert "dkim=pass header.d=sheffield.gov.uk" in results and "temperror" not in results
+
+
+@local
+async def test_given_up_during_dns_trouble_then_retried_keeps_one_inbox_copy(config, dns):
+    """Out of attempts while DNS is down, then `spool retry` once it answers: the CSV lands, and inbox holds only the copy the
+    give-up stored (no `-2` copy differing in its Authentication-Results)."""
+    outage = DnsServer()
+    outage.zones.records.update(dns.zones.records)
+    outage.start()
+    outage.stop()
+    declared = feeds(config, outage)
+    with RunningDaemon(replace(declared, worker=replace(declared.worker, max_attempts=1))) as server:
+        entry_id = send(server, signed(message(), dns, "sheffield.gov.uk"), "reports@sheffield.gov.uk")
+        assert await eventually(lambda: server.spool.failed_ids() == [entry_id], timeout=30)
+        given_up = objects(config, "inbox")
+        assert [key.rsplit("/", 1)[1] for key in given_up] == [f"{entry_id}.eml"]
+        outage.start()
+        server.spool.retry([entry_id])
+        server.loop.call_soon_threadsafe(server.daemon.scheduler.submit, entry_id)  # what the minute's rescan would do
+        assert await eventually(lambda: objects(config, "amr_data"), timeout=40)
+        assert await processed(server)
+    outage.stop()
+    assert objects(config, "inbox") == given_up
 
 
 @local

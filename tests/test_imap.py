@@ -194,6 +194,20 @@ async def test_tls_implicit_and_starttls_with_a_checked_certificate(config, stor
     assert amr_keys(config)[0].endswith("/tls.csv")
 
 
+def test_an_untrusted_certificate_names_ssl_cert_file(config, dovecot, tmp_path):
+    """A mailbox whose certificate esmail does not trust: check-config says how to trust its CA, as `esmail send` does."""
+    toml = tmp_path / "esmail.toml"
+    toml.write_text(config_toml(config) + f'[[imap]]\nhost = "localhost"\nport = {dovecot.tls_port}\n'
+                    f'username = "{dovecot_server.USER}"\npassword_env = "{PASSWORD_ENV}"\n')
+    env = {k: v for k, v in os.environ.items() if k != "SSL_CERT_FILE"}
+    result = subprocess.run([sys.executable, "-m", "esmail", "--config", str(toml), "check-config"], capture_output=True, text=True,
+                            env={**env, PASSWORD_ENV: dovecot_server.PASSWORD}, timeout=60)
+    assert result.returncode == 1
+    assert (f"FAILED  imap {dovecot_server.USER}@localhost:{dovecot.tls_port}/INBOX: its TLS certificate is not trusted "
+            "(self-signed certificate): check the host name; for a server with a private CA or a self-signed certificate, "
+            "put SSL_CERT_FILE=/path/to/its-ca.pem in the service's environment (/etc/esmail/env)") in result.stdout
+
+
 def test_check_config_logs_in_and_counts_the_messages(config, dovecot, tmp_path):
     append(dovecot, feed("a.csv"), feed("b.csv"))
     toml = tmp_path / "esmail.toml"

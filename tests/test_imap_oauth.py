@@ -229,7 +229,7 @@ def test_check_config_fetches_a_token_logs_in_and_says_when_it_expires(config, d
 
     ok = check(CLIENT_SECRET)
     assert ok.returncode == 0, ok.stdout + ok.stderr
-    line = f"ok      imap {USERNAME}@127.0.0.1:{dovecot.port}/INBOX: 1 messages in INBOX; OAuth2 token (client credentials grant) valid until "
+    line = f"ok      imap {USERNAME}@127.0.0.1:{dovecot.port}/INBOX: 1 message in INBOX; OAuth2 token (client credentials grant) valid until "
     assert line in ok.stdout
     wrong = check("wrong-secret")
     assert wrong.returncode == 1 and "invalid_client" in wrong.stdout and f"FAILED  imap {USERNAME}@127.0.0.1" in wrong.stdout

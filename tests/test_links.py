@@ -128,8 +128,8 @@ async def test_a_link_without_content_disposition_is_named_after_its_url(config,
     ("/unavailable", "the server says the file is not available ('Your image cannot be displayed at this time')"),
     ("/big", "over [links] max_bytes (50,000 bytes)"),
     ("/away", "redirected to http://localhost:{port}/plain.csv, not on a scheme, host and port that a [links] pattern names"),
-    ("/slow", "no complete answer within 0.5s (after 1 attempts)"),
-    ("/trickle", "no complete answer within 0.5s (after 1 attempts)"),
+    ("/slow", "no complete answer within 0.5s (after 1 attempt)"),
+    ("/trickle", "no complete answer within 0.5s (after 1 attempt)"),
 ])
 async def test_a_failed_download_is_logged_and_stores_nothing(config, store, portal, caplog, path, error):
     config = with_links(config, portal, max_bytes=50_000, timeout=0.5, attempts=1)

@@ -300,6 +300,40 @@ def test_problems_are_reported_to_rollbar_without_bodies(tmp_path):
     assert inbox["spool_id"] in inbox["key"] and inbox["bytes"] > 0
 
 
+@pytest.mark.skipif(os.geteuid() != 0 or shutil.which("chattr") is None, reason="an immutable folder (chattr +i) stands in for one owned by another user")
+def test_a_storage_folder_esmail_may_not_write_is_an_error_for_a_human_and_still_retried(tmp_path):
+    """Folders esmail may not write (made by a command run as root): ERROR naming `chown -R`, one Rollbar report, retried until fixed."""
+    recorder = Recorder()
+    config = Config(storage=StorageConfig(path=tmp_path / "data"), spool=SpoolConfig(path=tmp_path / "spool"))
+    locked, amr_data = tmp_path / "data" / "es-development-data-inbox", tmp_path / "data" / "es-development-data-amr-data"
+    locked.mkdir(parents=True)
+    if subprocess.run(["chattr", "+i", str(locked)], capture_output=True).returncode:
+        pytest.skip("this file system has no immutable flag")
+    server = Server(config, tmp_path, tables=f'[rollbar]\nendpoint = "{recorder.url}/api/1/"\n')
+    try:
+        server.start(ROLLBAR_ACCESS_TOKEN="7e57700007e57700007e57700007e577")
+        with smtplib.SMTP("127.0.0.1", server.port, timeout=30) as client:
+            client.sendmail("a@b.org", ["sheffield@x.org"], feed())
+            client.sendmail("a@b.org", ["leeds@x.org"], feed())
+        deadline = time.monotonic() + 30
+        while server.log.read_text().count(": attempt 2 of ") < 2 and time.monotonic() < deadline:
+            time.sleep(0.1)
+        subprocess.run(["chattr", "-i", str(locked)], check=True)
+        deadline = time.monotonic() + 30
+        while len(list(amr_data.rglob("*.csv"))) < 2 and time.monotonic() < deadline:
+            time.sleep(0.1)
+    finally:
+        subprocess.run(["chattr", "-i", str(locked)])
+        assert server.terminate() == 0
+    log = server.log.read_text()
+    errors = [line for line in log.splitlines() if ": attempt 1 of 100 failed (cannot write " in line]
+    assert len(errors) == 2 and all(line.startswith("esmail: ERROR esmail.worker: ") for line in errors), log
+    assert f"(esmail runs as root; folders made by another user, e.g. by a command run as root, need: chown -R root: {tmp_path / 'data'})" in errors[0]
+    [item] = recorder.items
+    assert item["json"]["data"]["body"]["message"]["body"] == "esmail cannot write to its storage: a human must fix it"
+    assert len(list(amr_data.rglob("*.csv"))) == 2
+
+
 def test_a_message_out_of_retries_is_reported(tmp_path):
     recorder = Recorder()
     config = Config(storage=StorageConfig(backend="s3", endpoint_url=f"http://127.0.0.1:{free_port()}", region="eu-west-2"),
@@ -316,6 +350,6 @@ def test_a_message_out_of_retries_is_reported(tmp_path):
     assert data["level"] == "error" and data["environment"] == "development"
     assert data["body"]["message"]["body"] == "a message failed for good: its raw copy went to unprocessable, its entry to failed/"
     assert data["body"]["message"]["prefix"] == "sheffield"
-    assert data["body"]["message"]["reason"].startswith("gave up after 1 attempts; the last error: ")
+    assert data["body"]["message"]["reason"].startswith("gave up after 1 attempt; the last error: ")
     spool_id = data["body"]["message"]["spool_id"]
     assert (tmp_path / "spool" / "failed" / f"{spool_id}.msg").exists()

@@ -23,7 +23,7 @@ import uuid
 from pathlib import Path
 
 from esmail.durable import write_synced
-from esmail.errors import TemporaryFailure
+from esmail.errors import NeedsFixing, TemporaryFailure
 from esmail.store.base import Store
 
 TMP_DIR = ".esmail-tmp"
@@ -62,6 +62,12 @@ class LocalStore(Store):
             finally:
                 tmp.unlink()
             return True
+        except PermissionError as exc:
+            from esmail.spool import user_name
+
+            user = user_name()
+            raise NeedsFixing(f"cannot write {exc.filename or target}: {exc.strerror} (esmail runs as {user}; folders made by "
+                              f"another user, e.g. by a command run as root, need: chown -R {user}: {self.root})") from exc
         except OSError as exc:
             if exc.errno in (errno.ELOOP, errno.ENOTDIR):
                 raise TemporaryFailure(f"cannot write {target}: a folder on its way is a symbolic link or a file "
