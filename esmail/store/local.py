@@ -66,7 +66,7 @@ class LocalStore(Store):
             from esmail.spool import user_name
 
             user = user_name()
-            raise NeedsFixing(f"cannot write {exc.filename or target}: {exc.strerror} (esmail runs as {user}; folders made by "
+            raise NeedsFixing(f"cannot write {target}: {exc.strerror} (esmail runs as {user}; folders made by "
                               f"another user, e.g. by a command run as root, need: chown -R {user}: {self.root})") from exc
         except OSError as exc:
             if exc.errno in (errno.ELOOP, errno.ENOTDIR):
