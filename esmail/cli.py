@@ -172,6 +172,8 @@ def _env_file(args) -> int:
             return 127
     if not Path(args.file).exists():
         print(f"{args.file}: no such file (systemd starts the service without it: EnvironmentFile=-…)")
+    elif not values:
+        print(f"{args.file}: no variables (every line is blank or a comment)")
     for name, value in values.items():
         problem = config_module.secret_problem(value)
         print(f"{name}: {len(value)} characters{f'; {problem}' if problem else ''}")
@@ -563,5 +565,8 @@ def _spool_retry(config: Config, args) -> int:
         print(f"esmail spool retry: not in {spool.failed}: {', '.join(missing)} (see `esmail spool list`)", file=sys.stderr)
         return 1
     moved = spool.retry(args.ids or None)
+    if not moved:
+        print("no failed entries to retry")
+        return 0
     print(f"{logs.counted(len(moved), 'entry', 'entries')} moved back to the queue; a running esmail serve takes them within a minute")
     return 0

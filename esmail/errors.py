@@ -53,8 +53,8 @@ class CannotListen(EsmailError):
 
 def _hint(port: int, error: int | None) -> str:
     if error == errno.EADDRINUSE:
-        mta = "; on port 25 that is usually the system's own mail server (exim4, postfix): systemctl disable --now exim4" \
-            if port == 25 else ""
+        mta = ("; on port 25 usually the system's own mail server (exim4, postfix: systemctl disable --now exim4), "
+               "or an esmail already running") if port == 25 else ""
         return f" (another program holds it: ss -ltnp 'sport = :{port}' shows which{mta})"
     if error == errno.EACCES and port < 1024:
         return " (ports below 1024 need root or CAP_NET_BIND_SERVICE, which the systemd unit grants)"

@@ -238,6 +238,7 @@ def test_spool_list_and_retry(tmp_path):
     retried = esmail("retry", broken.id)
     assert retried.returncode == 0 and "1 entry moved back" in retried.stdout
     assert sorted(spool.pending()) == sorted([kept.id, broken.id]) and spool.failed_ids() == []
+    assert esmail("retry").stdout == "no failed entries to retry\n"
     toml.write_text(f'[spool]\npath = "{tmp_path / "no-such-spool"}"\n')
     missing = esmail("list")
     assert missing.returncode == 1 and "there is no spool at" in missing.stderr and not (tmp_path / "no-such-spool").exists()

@@ -185,3 +185,6 @@ def test_env_file_lists_names_and_lengths_never_values(tmp_path):
         "IMAP_PASSWORD: 22 characters; it holds ' #': systemd's EnvironmentFile= (and a .env file) keeps a comment written "
         "after a value as part of the value; put comments on lines of their own"]
     assert "s3cret" not in result.stdout
+    (tmp_path / "env").write_bytes(b"# only comments, as the template starts\n#IMAP_PASSWORD=\xe2\x80\xa6\n")
+    result = subprocess.run([sys.executable, "-m", "esmail", "env-file", str(tmp_path / "env")], capture_output=True, text=True, timeout=60)
+    assert result.stdout == f"{tmp_path / 'env'}: no variables (every line is blank or a comment)\n"

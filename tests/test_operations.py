@@ -202,8 +202,8 @@ def test_a_port_that_cannot_be_bound_names_its_key(tmp_path, key):
 
 @pytest.mark.parametrize("error, says", [
     (errno.EADDRINUSE, "cannot listen on 0.0.0.0:25 ([smtp] listen): Address already in use (another program holds it: "
-                       "ss -ltnp 'sport = :25' shows which; on port 25 that is usually the system's own mail server (exim4, "
-                       "postfix): systemctl disable --now exim4)"),
+                       "ss -ltnp 'sport = :25' shows which; on port 25 usually the system's own mail server (exim4, postfix: "
+                       "systemctl disable --now exim4), or an esmail already running)"),
     (errno.EACCES, "cannot listen on 0.0.0.0:25 ([smtp] listen): Permission denied (ports below 1024 need root or "
                    "CAP_NET_BIND_SERVICE, which the systemd unit grants)"),
 ])
