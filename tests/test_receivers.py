@@ -126,6 +126,9 @@ async def test_two_processes_hold_the_port_and_200_messages_land_once(two):
         return float(line[0].split()[-1]) if line else 0.0
 
     assert await eventually(lambda: data_250s() == 200.0, timeout=10)
+    start = two.log.read_text()
+    assert start.count("ROLLBAR_ACCESS_TOKEN is not set") == 1  # said by the daemon, not once more by each receiver
+    assert f"the page, /healthz and /metrics on http://127.0.0.1:{two.http}" in start
 
 
 async def test_kill_9_of_a_receiver_loses_nothing_it_accepted_and_it_is_restarted(two):
