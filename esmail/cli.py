@@ -176,7 +176,7 @@ def _env_file(args) -> int:
         print(f"{args.file}: no variables (every line is blank or a comment)")
     for name, value in values.items():
         problem = config_module.secret_problem(value)
-        print(f"{name}: {len(value)} characters{f'; {problem}' if problem else ''}")
+        print(f"{name}: {logs.counted(len(value), 'character')}{f'; {problem}' if problem else ''}")
     return 0
 
 
@@ -320,7 +320,7 @@ def _history_copy(config: Config, args) -> int:
     except psycopg.Error as exc:
         print(f"esmail history copy: {url}: {str(exc).strip()}", file=sys.stderr)
         return 1
-    print(f"copied {count:,} message{'' if count == 1 else 's'} from {source} to {url}")
+    print(f"copied {logs.counted(count, 'message')} from {source} to {url}")
     return 0
 
 

@@ -15,6 +15,8 @@ from dataclasses import dataclass, field
 from datetime import datetime, timedelta, timezone
 from typing import Any, Callable, ContextManager, Iterable, Protocol, Sequence, Sized
 
+from esmail.logs import counted
+
 log = logging.getLogger("esmail.history")
 
 PAGE = 50  # messages a page
@@ -205,7 +207,7 @@ def write_pruned(db: Db, keep_days: float) -> None:
     for table in ("files", "outcomes", "message_prefixes"):
         db.run(f"DELETE FROM {table} WHERE id IN ({old})", (cutoff,))
     if pruned := db.run("DELETE FROM messages WHERE received < ?", (cutoff,)).rowcount:
-        log.info("history: forgot %d message%s received over %g days ago ([history] keep_days)", pruned, "" if pruned == 1 else "s", keep_days)
+        log.info("history: forgot %s received over %g days ago ([history] keep_days)", counted(pruned, "message"), keep_days)
 
 
 def write_late(db: Db, prefix: str, since: str, host: str) -> bool:
