@@ -12,7 +12,7 @@ import os
 import re
 import resource
 import tempfile
-from dataclasses import dataclass, replace
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 from esmail import mail
@@ -31,14 +31,15 @@ class Converted:
     outputs: list[Output]
     links: list[str]  # to download: found only when the message has no attachments
     inline_images: int  # skipped: signature logos are not data
+    summary: dict[str, str] = field(default_factory=dict)  # mail.summary: read here, where the message is parsed anyway
 
     def __reduce__(self):
         """Leaving a conversion process, an output over 1 MB goes through a file in the spool's tmp/:
         through the pool's pipe the daemon would hold it twice (the pipe's buffer, then the bytes)."""
         if _spill_dir is None:
-            return Converted, (self.outputs, self.links, self.inline_images)
+            return Converted, (self.outputs, self.links, self.inline_images, self.summary)
         outputs = [_spill(out) if len(out.data) > SPILL_OVER else (None, out) for out in self.outputs]
-        return _unspill, (outputs, self.links, self.inline_images)
+        return _unspill, (outputs, self.links, self.inline_images, self.summary)
 
 
 def _spill(out: Output) -> tuple[str | None, Output]:
@@ -56,7 +57,7 @@ def _spill(out: Output) -> tuple[str | None, Output]:
     return path, replace(out, data=b"")
 
 
-def _unspill(outputs: list[tuple[str | None, Output]], links: list[str], inline_images: int) -> Converted:
+def _unspill(outputs: list[tuple[str | None, Output]], links: list[str], inline_images: int, summary: dict[str, str]) -> Converted:
     """In the daemon: each spilled output read back (one copy) and its file removed."""
     taken = []
     for path, out in outputs:
@@ -66,7 +67,7 @@ def _unspill(outputs: list[tuple[str | None, Output]], links: list[str], inline_
             finally:
                 os.unlink(path)
         taken.append(out)
-    return Converted(taken, links, inline_images)
+    return Converted(taken, links, inline_images, summary)
 
 
 def convert(raw: bytes, ascii_only: bool = False, link_patterns: tuple[str, ...] = ()) -> Converted:
@@ -76,13 +77,13 @@ def convert(raw: bytes, ascii_only: bool = False, link_patterns: tuple[str, ...]
     MAX_FILES files) is one unprocessable file, `message.eml`, the raw bytes.
     """
     try:
-        files, found_links, inline_images = _take_apart(raw, link_patterns)
+        files, found_links, inline_images, summary = _take_apart(raw, link_patterns)
     except RecursionError:
         return _whole_message(raw, "MIME parts nested too deep to parse")
     if len(files) > MAX_FILES:
         return _whole_message(raw, f"{len(files):,} attached files, over the limit of {MAX_FILES:,}")
     del raw  # not held while the files are converted (convert_entry's caller keeps no copy)
-    return Converted(route_all(files, ascii_only), found_links, inline_images)
+    return Converted(route_all(files, ascii_only), found_links, inline_images, summary)
 
 
 def convert_entry(path: Path, ascii_only: bool = False, link_patterns: tuple[str, ...] = ()) -> Converted:
@@ -91,13 +92,13 @@ def convert_entry(path: Path, ascii_only: bool = False, link_patterns: tuple[str
     return convert(read_entry(path)[1], ascii_only, link_patterns)
 
 
-def _take_apart(raw: bytes, link_patterns: tuple[str, ...]) -> tuple[list[tuple[str, bytes]], list[str], int]:
-    """The attached files, the links (only when there are no files) and the count of inline images.
+def _take_apart(raw: bytes, link_patterns: tuple[str, ...]) -> tuple[list[tuple[str, bytes]], list[str], int, dict[str, str]]:
+    """The attached files, the links (only when there are no files), the count of inline images and mail.summary.
     The parsed message is gone when this returns: its payloads weigh as much as the message."""
     msg = mail.parse(raw)
     found = mail.attachments(msg)
     files = [(att.name, att.data) for att in found if not att.inline_image]
-    return files, [] if files else find_links(mail.body_text(msg), link_patterns), len(found) - len(files)
+    return files, [] if files else find_links(mail.body_text(msg), link_patterns), len(found) - len(files), mail.summary(msg)
 
 
 def _whole_message(raw: bytes, reason: str) -> Converted:

@@ -27,7 +27,7 @@ from esmail.group_commit import GroupCommit
 from esmail.spool import Spool
 from esmail.store import open_store
 from esmail.systemd import Notifier
-from esmail.worker import Scheduler, Worker, process_pool_size
+from esmail.worker import Scheduler, Worker
 
 log = logging.getLogger(__name__)
 
@@ -45,7 +45,7 @@ class Daemon:
         self.store = open_store(config)
         self.history = open_history(config)
         self.worker = Worker(config, self.spool, self.store, processes=True, history=self.history)
-        self.scheduler = Scheduler(self.worker, concurrency=process_pool_size(config))
+        self.scheduler = Scheduler(self.worker)
         self.committer = GroupCommit(self.spool)
         self.smtp: SmtpServer | Receivers | None = None
         receivers = config.smtp.processes or os.cpu_count() or 1

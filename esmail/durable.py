@@ -19,12 +19,12 @@ def write_synced(path: Path, *chunks: bytes) -> None:
         os.fsync(f.fileno())
 
 
-def write_unsynced(path: Path, *chunks: bytes, new: bool = True) -> None:
+def write_unsynced(path: Path, *chunks: bytes, new: bool = True, mode: int = 0o600) -> None:
     """Write a file that `sync_files` will make durable together with others (three system calls).
 
-    `new`: create it (it must not exist); else it exists, empty (see `Spool.make_blanks`).
+    `new`: create it (it must not exist) with `mode` (less the umask); else it exists, empty (see `Spool.make_blanks`).
     """
-    fd = os.open(path, os.O_WRONLY | (os.O_CREAT | os.O_EXCL if new else 0), 0o600)
+    fd = os.open(path, os.O_WRONLY | (os.O_CREAT | os.O_EXCL if new else 0), mode)
     try:
         written = os.writev(fd, chunks)
         rest = memoryview(b"".join(chunks))[written:] if written < sum(map(len, chunks)) else b""
@@ -35,7 +35,7 @@ def write_unsynced(path: Path, *chunks: bytes, new: bool = True) -> None:
 
 
 def sync_files(folder: Path, paths: list[Path]) -> None:
-    """Make several files durable with one flush: syncfs(2) on their filesystem, else an fsync each."""
+    """Make several files (or folders: their entries) durable with one flush: syncfs(2) on their filesystem, else an fsync each."""
     if _syncfs is not None:
         fd = os.open(folder, os.O_RDONLY | os.O_DIRECTORY)
         try:

@@ -1,17 +1,62 @@
-"""Group commit: the messages of concurrent SMTP sessions share one flush to disk (DESIGN §10).
+"""Group commit: work that waits on the disk is done for many callers at once (DESIGN §10).
 
 One fsync per message would halve the rate of small messages; a batch of
 messages written meanwhile is flushed, renamed into the queue and the
 queue folder fsync'd together, and each session answers 250 only after.
+The worker's side does the same (`Batches`): the local store's objects of
+concurrent entries share their flushes, and finished entries leave the
+spool together.
 """
 
 from __future__ import annotations
 
 import asyncio
+from collections.abc import Callable
 from pathlib import Path
+from typing import Generic, TypeVar
 
 from esmail.errors import TemporaryFailure
 from esmail.spool import Envelope, Spool, Written
+
+Item = TypeVar("Item")
+Result = TypeVar("Result")
+
+
+class Batches(Generic[Item, Result]):
+    """`await submit(item)`: `handle(items)` runs in a thread for every item submitted while the last batch ran.
+
+    An idle caller waits for one thread trip; busy callers share one. `handle`
+    returns one result per item (None: None for each), an exception instance
+    being raised to that item's caller; an exception it raises goes to every
+    caller of the batch.
+    """
+
+    def __init__(self, handle: Callable[[list[Item]], list[Result | BaseException] | None]):
+        self.handle = handle
+        self._waiting: list[tuple[Item, asyncio.Future]] = []
+        self._runner: asyncio.Task | None = None
+
+    async def submit(self, item: Item) -> Result:
+        future = asyncio.get_running_loop().create_future()
+        self._waiting.append((item, future))
+        if self._runner is None or self._runner.done():
+            self._runner = asyncio.create_task(self._run())
+        return await future
+
+    async def _run(self) -> None:
+        while self._waiting:
+            batch, self._waiting = self._waiting, []
+            try:
+                results = await asyncio.to_thread(self.handle, [item for item, _ in batch]) or [None] * len(batch)
+            except Exception as exc:  # the batch's callers get it
+                results = [exc] * len(batch)
+            for (_, future), result in zip(batch, results):
+                if future.done():
+                    continue
+                if isinstance(result, BaseException):
+                    future.set_exception(result)
+                else:
+                    future.set_result(result)
 
 
 class GroupCommit:
@@ -27,8 +72,7 @@ class GroupCommit:
 
     def __init__(self, spool: Spool):
         self.spool = spool
-        self._waiting: list[tuple[Written, asyncio.Future]] = []
-        self._flusher: asyncio.Task | None = None
+        self._batches: Batches[Written, None] = Batches(self._publish)
         self._blanks: list[Path] = []
         self._restocker: asyncio.Task | None = None
 
@@ -42,11 +86,7 @@ class GroupCommit:
             raise
         if len(self._blanks) < self.BLANKS // 2 and (self._restocker is None or self._restocker.done()):
             self._restocker = asyncio.create_task(self._restock())
-        future = asyncio.get_running_loop().create_future()
-        self._waiting.append((written, future))
-        if self._flusher is None or self._flusher.done():
-            self._flusher = asyncio.create_task(self._flush())
-        await future
+        await self._batches.submit(written)
         return written.envelope
 
     async def close(self) -> None:
@@ -60,22 +100,12 @@ class GroupCommit:
     async def _restock(self) -> None:
         self._blanks += await asyncio.to_thread(self.spool.make_blanks, self.BLANKS - len(self._blanks))
 
-    async def _flush(self) -> None:
-        while self._waiting:
-            batch, self._waiting = self._waiting, []
-            written = [each for each, _ in batch]
-            failure = None
-            try:  # the flush, the renames and the fsync of queue/ wait for the disk: one trip to a thread
-                await asyncio.to_thread(self.spool.publish, written)
-            except TemporaryFailure as exc:
-                failure = exc
-            except Exception as exc:  # a bug: these messages are not ours either
-                self.spool.discard(written)
-                failure = exc
-            for _, future in batch:
-                if future.done():
-                    continue
-                if failure:
-                    future.set_exception(failure)
-                else:
-                    future.set_result(None)
+    def _publish(self, written: list[Written]) -> None:
+        """The flush, the renames and the fsync of queue/ for a batch (in a thread): they wait for the disk."""
+        try:
+            self.spool.publish(written)
+        except TemporaryFailure:
+            raise
+        except Exception:  # a bug: these messages are not ours either
+            self.spool.discard(written)
+            raise

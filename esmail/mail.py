@@ -10,11 +10,12 @@ from __future__ import annotations
 import binascii
 import html
 import mimetypes
+import re
 from dataclasses import dataclass
 from email import policy
 from email.message import EmailMessage
 from email.parser import BytesFeedParser, BytesParser
-from email.utils import getaddresses
+from email.utils import format_datetime, getaddresses, parsedate_to_datetime
 
 from esmail.keys import domain_of, prefix_of, safe_path
 
@@ -66,6 +67,33 @@ def header_text(msg: EmailMessage, name: str, limit: int = 500) -> str:
     except Exception:  # a header the parser cannot make sense of
         return ""
     return " ".join(str(value).split())[:limit] if value is not None else ""
+
+
+def summary(msg: EmailMessage) -> dict[str, str]:
+    """What the history keeps of the headers (history.Finished's fields): header_text of From, Subject and Date.
+
+    The usual From and Date are read here, as policy `default` would read
+    them but without its RFC 5322 parser (0.6 and 0.4 ms a message, most of
+    what converting a small one costs); anything else goes to the parser.
+    """
+    raw = {}
+    for name, value in msg.raw_items():
+        raw.setdefault(name.lower(), value)
+    sender, date = (" ".join(str(raw.get(name, "")).split()) for name in ("from", "date"))
+    plain = _PLAIN_FROM.fullmatch(sender) if sender.isascii() else None
+    if plain:
+        sender = (f"{plain['name']} <{plain['address']}>" if plain["name"] else plain["address"] or plain["bare"])[:500]
+    else:
+        sender = header_text(msg, "From")
+    try:
+        date = format_datetime(parsedate_to_datetime(date))[:500] if date.isascii() else header_text(msg, "Date")
+    except (ValueError, TypeError):
+        date = header_text(msg, "Date")
+    return {"header_from": sender, "subject": header_text(msg, "Subject"), "date": date}
+
+
+_ADDRESS = r"[A-Za-z0-9_+-]+(?:\.[A-Za-z0-9_+-]+)*@[A-Za-z0-9-]+(?:\.[A-Za-z0-9-]+)*"
+_PLAIN_FROM = re.compile(rf"(?:(?P<name>[A-Za-z0-9]+(?: [A-Za-z0-9]+)*) ?)?<(?P<address>{_ADDRESS})>|(?P<bare>{_ADDRESS})")
 
 
 def header_prefix(msg: EmailMessage, domains: tuple[str, ...]) -> str | None:

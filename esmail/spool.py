@@ -327,11 +327,17 @@ class Spool:
         self._write_state(entry.id, state)
         return state
 
-    def done(self, entry_id: str) -> None:
-        """Every object is stored: forget the entry."""
-        (self.queue / (entry_id + SUFFIX)).unlink(missing_ok=True)
-        (self.state / f"{entry_id}.json").unlink(missing_ok=True)
-        fsync_dir(self.queue)
+    def done(self, *entry_ids: str) -> None:
+        """Every object of these entries is stored: forget them.
+
+        No fsync: their objects were flushed to disk before this, and a
+        removal that a power cut undoes only means the entry is processed
+        again, which finds its objects stored (the same keys, the same bytes)
+        and writes nothing new.
+        """
+        for entry_id in entry_ids:
+            (self.queue / (entry_id + SUFFIX)).unlink(missing_ok=True)
+            (self.state / f"{entry_id}.json").unlink(missing_ok=True)
 
     def fail(self, entry: Entry, reason: str) -> None:
         """Keep the entry in failed/ with the reason, for `esmail spool retry`."""

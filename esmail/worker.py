@@ -24,6 +24,7 @@ from esmail.chain import INBOX, UNPROCESSABLE
 from esmail.config import Config
 from esmail.conversion import Converted, convert_entry, route_all, start_process
 from esmail.errors import ConversionCrashed, NeedsFixing, TemporaryFailure
+from esmail.group_commit import Batches
 from esmail.history import FileRow, History
 from esmail.logs import counted
 from esmail.spool import Entry, EntryState, Envelope, Spool
@@ -40,6 +41,8 @@ MAX_CRASHES = 2  # conversions of one entry that may kill their process (the sec
 CRASHED = ("its conversion killed the converting process twice, the second time alone "
            "(a file that exhausts [worker] memory_limit, or crashes a reader)")
 MAX_BACKOFF = 600.0  # seconds: a storage outage is retried at least every 10 minutes
+IN_FLIGHT = 32  # entries the scheduler runs at once (their conversions wait for the pool): their stores and removals share flushes
+IN_FLIGHT_BYTES = 64 << 20  # and the size of their messages together; a bigger message runs once it is alone
 
 
 @dataclass(frozen=True)
@@ -63,6 +66,8 @@ class Worker:
         self.executor: ProcessPoolExecutor | None = self._new_pool() if processes else None
         self.store_error: str | None = None  # the last store write's failure; None once one succeeds (/healthz)
         self._told = False  # a NeedsFixing went to Rollbar since the last write that worked: once is enough
+        self._converting = asyncio.Semaphore(process_pool_size(config))  # calls in the pool at once: one per process
+        self._finished: Batches[str, None] = Batches(lambda entry_ids: self.spool.done(*entry_ids))
 
     def close(self) -> None:
         if self.executor is not None:
@@ -122,7 +127,7 @@ class Worker:
                 metrics.QUARANTINED.labels(prefix, refusal.kind).inc()
                 log.warning("%s: quarantined for %s: %s (`esmail spool release %s` lets it through)", entry_id, prefix, refusal, entry_id,
                             extra={"spool_id": entry_id, "prefixes": [prefix], "outcome": "quarantined", "reason": str(refusal)})
-        self.spool.done(entry_id)
+        await self._finished.submit(entry_id)
         outcome = "stored" if passing or not envelope.folders else "quarantined"
         metrics.MESSAGES.labels(outcome).inc()
         self._log_message(envelope, len(raw), outcome, started, objects=len(files), inline_images=converted.inline_images,
@@ -132,7 +137,7 @@ class Worker:
             reasons = "; ".join(f"{prefix}: released by an operator, overriding: {why}" for prefix, why in envelope.held.items())
         await self._record(envelope, raw, history.RELEASED if envelope.held else outcome, started, state.attempts + 1, files,
                            {prefix: history.QUARANTINED if prefix in refused else history.STORED for prefix in envelope.folders},
-                           auth, reasons)
+                           auth, reasons, converted.summary)
         return [Stored(f.bucket, f.key, f.bytes) for f in files]
 
     async def _put_message(self, envelope: Envelope, raw: bytes, buckets: tuple[str, ...], places: list[tuple[str, str]]) -> list[FileRow]:
@@ -145,15 +150,14 @@ class Worker:
         return rows
 
     async def _record(self, envelope: Envelope, raw: bytes, outcome: str, started: float, attempts: int, files: list[FileRow],
-                      prefixes: dict[str, str], auth: Authentication | None = None, reason: str = "") -> None:
-        """One outcome into the history (when there is one); it never holds a message up."""
+                      prefixes: dict[str, str], auth: Authentication | None = None, reason: str = "", summary: dict[str, str] | None = None) -> None:
+        """One outcome into the history (when there is one); it never holds a message up. `summary`: mail.summary
+        of the message, when the conversion read it."""
         if self.history is None:
             return
-        headers = mail.parse_headers(raw)
         await self.history.record(history.Finished(
             envelope.id, envelope.received, envelope.origin, outcome, prefixes or {NO_PREFIX: outcome}, client=envelope.client,
-            helo=envelope.helo, mail_from=envelope.sender, header_from=mail.header_text(headers, "From"),
-            subject=mail.header_text(headers, "Subject"), date=mail.header_text(headers, "Date"), size=len(raw),
+            helo=envelope.helo, mail_from=envelope.sender, **(summary or mail.summary(mail.parse_headers(raw))), size=len(raw),
             authentication=auth.header if auth is not None else "", reason=reason, attempts=attempts,
             seconds=round(time.monotonic() - started, 3), files=files))
 
@@ -223,14 +227,15 @@ class Worker:
                     return await loop.run_in_executor(own, function, *args)
                 except BrokenProcessPool:
                     raise ConversionCrashed("its conversion process died again, converting it alone") from None
-        executor = self.executor
-        try:
-            return await loop.run_in_executor(executor, function, *args)
-        except BrokenProcessPool:
-            if self.executor is executor:
-                self.executor = self._new_pool()
-                executor.shutdown(wait=False)
-            raise ConversionCrashed("a conversion process died (over [worker] memory_limit, or killed); the pool was restarted") from None
+        async with self._converting:  # the others wait here, not in the pool: they are not to blame if it dies
+            executor = self.executor
+            try:
+                return await loop.run_in_executor(executor, function, *args)
+            except BrokenProcessPool:
+                if self.executor is executor:
+                    self.executor = self._new_pool()
+                    executor.shutdown(wait=False)
+                raise ConversionCrashed("a conversion process died (over [worker] memory_limit, or killed); the pool was restarted") from None
 
     def _new_pool(self, workers: int = 0) -> ProcessPoolExecutor:
         return process_pool(self.config, workers, spill_dir=self.spool.tmp)
@@ -377,10 +382,11 @@ class Scheduler:
     also finds entries that `esmail spool retry` moved back.
     """
 
-    def __init__(self, worker: Worker, concurrency: int, rescan: float = 60.0):
+    def __init__(self, worker: Worker, concurrency: int = IN_FLIGHT, rescan: float = 60.0, budget: int = IN_FLIGHT_BYTES):
         self.worker = worker
         self.concurrency = concurrency
         self.rescan = rescan
+        self._budget = _Budget(budget)
         self._ready: asyncio.Queue[str] = asyncio.Queue()
         self._known: set[str] = set()  # queued, in progress or waiting to retry
         self._running: set[asyncio.Task] = set()
@@ -399,7 +405,8 @@ class Scheduler:
             while True:
                 entry_id = await self._ready.get()
                 await slots.acquire()
-                task = asyncio.create_task(self._one(entry_id, slots))
+                size = await self._budget.take(self._size(entry_id))
+                task = asyncio.create_task(self._one(entry_id, slots, size))
                 self._running.add(task)
                 task.add_done_callback(self._running.discard)
         finally:
@@ -413,7 +420,13 @@ class Scheduler:
                 self.submit(entry_id)
             await asyncio.sleep(self.rescan)
 
-    async def _one(self, entry_id: str, slots: asyncio.Semaphore) -> None:
+    def _size(self, entry_id: str) -> int:
+        try:
+            return os.stat(self.worker.spool.entry_path(entry_id)).st_size
+        except OSError:  # gone meanwhile: the attempt will see
+            return 0
+
+    async def _one(self, entry_id: str, slots: asyncio.Semaphore, size: int) -> None:
         try:
             delay = await self.worker.attempt(entry_id)
         except Exception:  # the spool itself failed us (a full or broken disk): keep the entry, look again later
@@ -422,6 +435,7 @@ class Scheduler:
             delay = MAX_BACKOFF
         finally:
             slots.release()
+            self._budget.give(size)
         if delay is None:
             self._known.discard(entry_id)
         else:
@@ -439,6 +453,27 @@ class Scheduler:
         for task in pending:
             task.cancel()
         return not pending
+
+
+class _Budget:
+    """Bytes of messages the running entries may hold together; a message bigger than all of it runs alone."""
+
+    def __init__(self, total: int):
+        self.total = self.free = total
+        self._freed = asyncio.Event()
+
+    async def take(self, size: int) -> int:
+        """Wait until `size` bytes (at most the whole budget) are free and take them; how many were taken."""
+        size = min(size, self.total)
+        while self.free < size:
+            self._freed.clear()
+            await self._freed.wait()
+        self.free -= size
+        return size
+
+    def give(self, size: int) -> None:
+        self.free += size
+        self._freed.set()
 
 
 def process_pool_size(config: Config) -> int:

@@ -104,3 +104,28 @@ def test_headers_alone_are_the_headers_of_the_whole_message(eol):
     raw = bytes(msg).replace(b"\n", eol)
     assert mail.parse_headers(raw).items() == mail.parse(raw).items()
     assert mail.parse_headers(b"To: x@y" + eol).items() == [("To", "x@y")]
+
+
+def test_the_summary_reads_from_and_date_as_the_email_package_does():
+    """mail.summary reads the usual From and Date itself (the email package's parser is slow) and must give the history
+    what policy `default` gives: plain and named addresses, quotes, comments, encoded words, dates good and broken."""
+    import random
+
+    rng = random.Random(7)
+
+    def some(chars: str, most: int) -> str:
+        return "".join(rng.choice(chars) for _ in range(rng.randint(0, most)))
+
+    senders = ["<a@b.c>", "a@b.c", "Jo Smith <jo@x.org>", "Jo  Smith<jo@x.org>", '"Smith, Jo" <jo@x>', "jo@x (Jo)", "=?utf-8?q?J=C3=B6?= <j@x>",
+               "<a..b@c>", "<.a@b>", "a@b, c@d", "Jo <>", "", "Jö <j@x>", "undisclosed-recipients:;", "<a@b> junk"]
+    senders += [some("aZ09 ", 6) + some(" <", 2) + some("aZ09._+-", 6) + "@" + some("aZ0.-", 6) + some(">  ", 2)
+                for _ in range(3000)]
+    dates = ["Sun,  6 Dec 2026 05:05:25 +0000 (UTC)", "6 Dec 2026 05:05 -0500", "Mon, 32 Dec 2026 05:05:25 +0000", "yesterday", "",
+             "Sun, 06 Dec 2026 05:05:25 GMT", "Sun, 6 Dec 26 05:05:25 +0000", "Thu, 1 Jan 1970 00:00:00 -0000", "Sün, 6 Dec 2026"]
+    dates += [some("MonTueDec0123456789:+- ,", 30) for _ in range(2000)]
+    for n in range(max(len(senders), len(dates))):
+        headers = {"From": senders[n % len(senders)], "Date": dates[n % len(dates)]}
+        raw = "".join(f"{name}: {value}\r\n" for name, value in headers.items() if value).encode() + b"Subject: s\r\n\r\nbody\r\n"
+        msg = mail.parse(raw)
+        slow = {"header_from": mail.header_text(msg, "From"), "subject": mail.header_text(msg, "Subject"), "date": mail.header_text(msg, "Date")}
+        assert mail.summary(msg) == slow, headers

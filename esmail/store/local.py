@@ -1,8 +1,10 @@
 """The embedded default backend: buckets are folders, `{path}/{bucket}/{key}`.
 
-Each object is written to a temporary file, fsync'd, then hard-linked into
-place: `link` fails if the key exists, which gives the same never-overwrite
-rule as S3's `If-None-Match: *`, and a reader never sees half a file.
+Each object is written to a temporary file, flushed to disk, then
+hard-linked into place, and the link flushed: `link` fails if the key
+exists, which gives the same never-overwrite rule as S3's `If-None-Match: *`,
+and a reader never sees half a file. The objects that concurrent entries
+write meanwhile share those two flushes (`create_all`, a group commit).
 
 Under a bucket's folder no symbolic link is ever followed, to read or to
 write: each folder of a key is opened with O_NOFOLLOW relative to the one
@@ -16,14 +18,16 @@ folder) are the operator's and may be links.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import errno
 import os
 import stat
 import uuid
 from pathlib import Path
 
-from esmail.durable import write_synced
+from esmail.durable import sync_files, write_unsynced
 from esmail.errors import NeedsFixing, TemporaryFailure
+from esmail.group_commit import Batches
 from esmail.store.base import Store
 
 TMP_DIR = ".esmail-tmp"
@@ -34,45 +38,80 @@ _NOT_THERE = (errno.ENOENT, errno.ENOTDIR, errno.ELOOP, errno.ENAMETOOLONG)  # m
 class LocalStore(Store):
     def __init__(self, root: Path):
         self.root = Path(root)
+        self._batches: Batches[tuple[str, str, bytes], bool] = Batches(self.create_all)
 
     def _path(self, bucket: str, key: str) -> Path:
         return self.root / bucket / key
 
     async def _create(self, bucket: str, key: str, data: bytes, content_type: str) -> bool:
-        return await asyncio.to_thread(self._create_sync, bucket, key, data)
+        return await self._batches.submit((bucket, key, data))
 
-    def _create_sync(self, bucket: str, key: str, data: bytes) -> bool:
-        target = self._path(bucket, key)
-        *folders, name = _segments(key)
+    def create_all(self, objects: list[tuple[str, str, bytes]]) -> list[bool | Exception]:
+        """Create each (bucket, key, data) whose key is free: True, or False when the key is taken, or the failure.
+
+        Two flushes for the whole batch, not two per object: every temporary
+        file is on disk before any is linked (a crash never leaves a key
+        naming an empty file), and every link before this returns.
+        """
         tmp_dir = self.root / TMP_DIR
-        try:
-            tmp_dir.mkdir(parents=True, exist_ok=True)
-            (self.root / bucket).mkdir(parents=True, exist_ok=True)
+        results: list[bool | Exception] = []
+        written: dict[int, Path] = {}  # index → its temporary file
+        for index, (bucket, key, data) in enumerate(objects):
             tmp = tmp_dir / uuid.uuid4().hex
-            write_synced(tmp, data)
             try:
-                folder = self._open_folder(bucket, folders, create=True)
+                tmp_dir.mkdir(parents=True, exist_ok=True)
+                (self.root / bucket).mkdir(parents=True, exist_ok=True)
+                write_unsynced(tmp, data, mode=0o666)  # the umask decides who may read it (an importer in the group)
+            except OSError as exc:
+                with contextlib.suppress(OSError):
+                    tmp.unlink()
+                results.append(self._failure(bucket, key, exc))
+                continue
+            written[index] = tmp
+            results.append(True)
+        linked: set[Path] = set()  # the folders that got a link
+        try:
+            sync_files(self.root, list(written.values()))
+            for index, tmp in written.items():
+                bucket, key, _ = objects[index]
                 try:
-                    os.link(tmp, name, dst_dir_fd=folder)
-                    os.fsync(folder)
-                finally:
-                    os.close(folder)
-            except FileExistsError:
-                return False
-            finally:
-                tmp.unlink()
-            return True
-        except PermissionError as exc:
+                    *folders, name = _segments(key)
+                    folder = self._open_folder(bucket, folders, create=True)
+                    try:
+                        os.link(tmp, name, dst_dir_fd=folder)
+                    finally:
+                        os.close(folder)
+                    linked.add(self._path(bucket, key).parent)
+                except FileExistsError:
+                    results[index] = False
+                except ValueError as exc:  # not a key
+                    results[index] = exc
+                except OSError as exc:
+                    results[index] = self._failure(bucket, key, exc)
+            sync_files(self.root, sorted(linked))
+        except OSError as exc:  # a flush failed: none of the batch is sure to be on disk
+            for index in written:
+                results[index] = self._failure(*objects[index][:2], exc)
+        finally:
+            for tmp in written.values():
+                tmp.unlink(missing_ok=True)
+        return results
+
+    def _failure(self, bucket: str, key: str, exc: OSError) -> TemporaryFailure:
+        target = self._path(bucket, key)
+        if isinstance(exc, PermissionError):
             from esmail.spool import user_name
 
             user = user_name()
-            raise NeedsFixing(f"cannot write {target}: {exc.strerror} (esmail runs as {user}; folders made by "
-                              f"another user, e.g. by a command run as root, need: chown -R {user}: {self.root})") from exc
-        except OSError as exc:
-            if exc.errno in (errno.ELOOP, errno.ENOTDIR):
-                raise TemporaryFailure(f"cannot write {target}: a folder on its way is a symbolic link or a file "
-                                       f"(esmail never follows links in a bucket); remove it") from exc
-            raise TemporaryFailure(f"cannot write {target}: {exc.strerror or exc}") from exc
+            failure = NeedsFixing(f"cannot write {target}: {exc.strerror} (esmail runs as {user}; folders made by "
+                                  f"another user, e.g. by a command run as root, need: chown -R {user}: {self.root})")
+        elif exc.errno in (errno.ELOOP, errno.ENOTDIR):
+            failure = TemporaryFailure(f"cannot write {target}: a folder on its way is a symbolic link or a file "
+                                       f"(esmail never follows links in a bucket); remove it")
+        else:
+            failure = TemporaryFailure(f"cannot write {target}: {exc.strerror or exc}")
+        failure.__cause__ = exc
+        return failure
 
     async def get(self, bucket: str, key: str) -> bytes | None:
         return await asyncio.to_thread(self._read, bucket, key)
