@@ -5,7 +5,8 @@
     ├── Unprocessable      this file cannot be converted: store the original in unprocessable
     ├── TemporaryFailure   try again later (storage outage, full disk); nothing is lost meanwhile
     │   ├── ConversionCrashed  a conversion process died: retried alone, then given up on
-    │   └── NeedsFixing        will not pass by itself (a folder esmail may not write): retried, and a human told
+    │   └── StorageFailure     the store failed: retried when it works again (esmail.outage)
+    │       └── NeedsFixing    will not pass by itself (a folder esmail may not write): retried, and a human told
     ├── CannotListen       a configured port cannot be bound (in use, or below 1024 without the capability)
     └── ActionRefused      a retry or release asked for an entry that is not (or no longer) where it needs to be
 """
@@ -38,7 +39,11 @@ class ConversionCrashed(TemporaryFailure):
     """The process converting a message died (out of memory, a crash in a native library)."""
 
 
-class NeedsFixing(TemporaryFailure):
+class StorageFailure(TemporaryFailure):
+    """The store refused a write or could not be reached."""
+
+
+class NeedsFixing(StorageFailure):
     """Storage refuses esmail itself (a permission): retried like any outage, but logged as an error for a human."""
 
 

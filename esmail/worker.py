@@ -23,10 +23,11 @@ from esmail import history, links, mail, metrics, report
 from esmail.chain import INBOX, UNPROCESSABLE
 from esmail.config import Config
 from esmail.conversion import Converted, convert_entry, route_all, start_process
-from esmail.errors import ConversionCrashed, NeedsFixing, TemporaryFailure
+from esmail.errors import ConversionCrashed, NeedsFixing, StorageFailure, TemporaryFailure
 from esmail.group_commit import Batches
 from esmail.history import FileRow, History
 from esmail.logs import counted
+from esmail.outage import Outage
 from esmail.spool import Entry, EntryState, Envelope, Spool
 from esmail.store import Store
 
@@ -64,10 +65,16 @@ class Worker:
         self.store = store
         self.history = history
         self.executor: ProcessPoolExecutor | None = self._new_pool() if processes else None
-        self.store_error: str | None = None  # the last store write's failure; None once one succeeds (/healthz)
+        self.outage = Outage(lambda: store.check(config.buckets.named(INBOX)))
+        self.waiting_for_store: set[str] = set()  # entries whose last attempt failed on the store: woken when it works again
         self._told = False  # a NeedsFixing went to Rollbar since the last write that worked: once is enough
         self._converting = asyncio.Semaphore(process_pool_size(config))  # calls in the pool at once: one per process
         self._finished: Batches[str, None] = Batches(lambda entry_ids: self.spool.done(*entry_ids))
+
+    @property
+    def store_error(self) -> str | None:
+        """The store's last failure while it fails; None once it works (/healthz)."""
+        return self.outage.error
 
     def close(self) -> None:
         if self.executor is not None:
@@ -258,11 +265,13 @@ class Worker:
 
     async def attempt(self, entry_id: str) -> float | None:
         """One try at an entry: None when it is finished (stored, or in failed/), else the seconds to wait before the next."""
+        self.waiting_for_store.discard(entry_id)
         try:
             entry = self.spool.entry(entry_id)  # read once, carried through the attempt
         except FileNotFoundError:  # finished meanwhile by another process (`esmail ingest`), or moved by `spool retry`
             return None
         try:
+            await self.outage.wait_until_up()  # while the store is down, one probe decides for every entry
             await self.process(entry)
             return None
         except FileNotFoundError:  # the same, while this attempt ran
@@ -289,6 +298,8 @@ class Worker:
                 self._told = True
                 report.problem("esmail cannot write to its storage: a human must fix it", reason=str(exc), spool_id=entry_id)
             log.log(level, "%s: attempt %d of %d failed (%s); next in %.0fs", entry_id, state.attempts, self.config.worker.max_attempts, exc, delay)
+            if isinstance(exc, StorageFailure):
+                self.waiting_for_store.add(entry_id)
             return delay
 
     async def _give_up(self, entry: Entry, reason: str, started: float | None = None) -> list[Stored]:
@@ -328,10 +339,14 @@ class Worker:
         bucket = self.config.buckets.named(logical)
         try:
             written = await self.store.put(bucket, key, data, content_type)
-        except TemporaryFailure as exc:
-            self.store_error = str(exc)
+        except StorageFailure as exc:  # NeedsFixing: as it is, for the log and Rollbar
+            self.outage.failed(exc)
             raise
-        self.store_error, self._told = None, False
+        except TemporaryFailure as exc:
+            self.outage.failed(exc)
+            raise StorageFailure(str(exc)) from exc
+        self.outage.worked()
+        self._told = False
         if written.new:
             metrics.OBJECTS.labels(logical).inc()
             metrics.STORED_BYTES.labels(logical).inc(len(data))
@@ -391,6 +406,7 @@ class Scheduler:
         self._known: set[str] = set()  # queued, in progress or waiting to retry
         self._running: set[asyncio.Task] = set()
         self._retries: dict[str, asyncio.TimerHandle] = {}
+        worker.outage.on_back = self._store_back
 
     def submit(self, entry_id: str) -> None:
         if entry_id not in self._known:
@@ -400,6 +416,7 @@ class Scheduler:
     async def run(self) -> None:
         """Process entries until cancelled."""
         scanner = asyncio.create_task(self._scan())
+        prober = asyncio.create_task(self.worker.outage.watch(lambda: bool(self.worker.waiting_for_store)))
         slots = asyncio.Semaphore(self.concurrency)
         try:
             while True:
@@ -411,6 +428,7 @@ class Scheduler:
                 task.add_done_callback(self._running.discard)
         finally:
             scanner.cancel()
+            prober.cancel()
             for handle in self._retries.values():
                 handle.cancel()
 
@@ -436,10 +454,20 @@ class Scheduler:
         finally:
             slots.release()
             self._budget.give(size)
+        if delay is not None and entry_id in self.worker.waiting_for_store and self.worker.outage.error is None:
+            delay = min(delay, 1.0)  # the store came back while this attempt failed on it
         if delay is None:
             self._known.discard(entry_id)
         else:
             self._retries[entry_id] = asyncio.get_running_loop().call_later(delay, self._retry, entry_id)
+
+    def _store_back(self) -> None:
+        """The store works again: the entries waiting for it go now (IN_FLIGHT at a time), not when their backoff ends."""
+        for entry_id in sorted(self.worker.waiting_for_store):
+            handle = self._retries.pop(entry_id, None)
+            if handle is not None:
+                handle.cancel()
+                self._ready.put_nowait(entry_id)
 
     def _retry(self, entry_id: str) -> None:
         del self._retries[entry_id]

@@ -1,5 +1,6 @@
 """Nothing answered 250 is ever lost: kill -9 mid-stream, a storage outage, a clean SIGTERM, a dead conversion process."""
 
+import asyncio
 import os
 import signal
 import smtplib
@@ -262,3 +263,52 @@ async def test_a_storage_outage_warns_once_per_entry_then_every_tenth_attempt(co
     levels = [r.levelname for r in caplog.records if "failed (cannot write" in r.getMessage()]
     assert levels == ["WARNING"] + ["INFO"] * 8 + ["WARNING"]
     assert spool.pending() == [envelope.id]
+
+
+@pytest.mark.parametrize("config", ["local"], indirect=True)
+async def test_when_the_store_works_again_the_entries_waiting_for_it_go_at_once(config, store):
+    """After a storage outage the waiting entries are stored within seconds of its return (a probe every few seconds),
+    long before their own backoff (here 256 s, as after a long outage) would have tried them again."""
+    spool = Spool(config.spool.path)
+    ids = [spool.accept(feed(f"feed{n}@x", f"n,{n}\r\n".encode()), [f"feed{n}"]).id for n in range(5)]
+    for entry_id in ids:  # as if each had failed eight times already: after the next failure it waits 256 s
+        entry = spool.entry(entry_id)
+        for _ in range(8):
+            spool.record_attempt(entry, "cannot write: the store is down")
+    config.storage.path.write_text("a file where the buckets' folder should be: every write fails")
+    with RunningDaemon(config):
+        assert await eventually(lambda: all(spool.read_state(i).attempts == 9 for i in ids), timeout=60)
+        assert spool.pending() == sorted(ids)
+        config.storage.path.unlink()  # the store works again
+        assert await eventually(lambda: not spool.pending(), timeout=90)
+    assert sorted((await bucket_contents(store, config.buckets.amr_data)).values()) == [f"n,{n}\n".encode() for n in range(5)]
+
+
+async def test_while_the_store_is_down_one_probe_at_a_time_asks_it(tmp_path):
+    """Twenty entries that want a store that is down wait for one probe's verdict (one store call, not twenty);
+    the probe that finds it working again says so once, and lets them all through."""
+    from esmail.errors import StorageFailure, TemporaryFailure
+    from esmail.outage import Outage
+    from esmail.store.local import LocalStore
+
+    root = tmp_path / "data"
+    root.write_text("not a folder")
+    store = LocalStore(root)
+    probes = []
+
+    async def probe():
+        probes.append(len(probes))
+        await store.check("inbox")
+
+    outage = Outage(probe)
+    back = []
+    outage.on_back = lambda: back.append(True)
+    outage.failed(TemporaryFailure("cannot write: down"))
+    verdicts = await asyncio.gather(*(outage.wait_until_up() for _ in range(20)), return_exceptions=True)
+    assert len(probes) == 1 and all(isinstance(v, StorageFailure) and "cannot write" in str(v) for v in verdicts)
+    assert outage.error is not None and back == []
+    root.unlink()
+    await asyncio.gather(*(outage.wait_until_up() for _ in range(20)))
+    assert len(probes) == 2 and back == [True] and outage.error is None
+    await outage.wait_until_up()  # up: no probe at all
+    assert len(probes) == 2

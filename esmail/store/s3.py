@@ -35,7 +35,8 @@ class S3Store(Store):
 
     async def _s3(self):
         if self._client is None:
-            boto_config = BotoConfig(retries={"max_attempts": 3, "mode": "standard"}, connect_timeout=10, read_timeout=60)
+            # No retries of botocore's own: the worker retries, and one probe at a time while the store is down (esmail.outage)
+            boto_config = BotoConfig(retries={"max_attempts": 1, "mode": "standard"}, connect_timeout=10, read_timeout=60)
             self._client = await self._stack.enter_async_context(
                 self.session.client("s3", endpoint_url=self.storage.endpoint_url, config=boto_config)
             )
