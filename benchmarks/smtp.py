@@ -1,21 +1,24 @@
-"""SMTP acceptance speed, reply time under load, and peak memory (DESIGN §10), as ratios measured in one run.
+"""SMTP acceptance speed, end to end against Postfix, reply time under load, memory, and a storage outage (DESIGN §10),
+as ratios measured in one run.
 
-    python benchmarks/smtp.py [--seconds 8] [--sessions 16]
+    python benchmarks/smtp.py [--seconds 8] [--sessions 16] [--only PART] [--outage 150] [--against DIR]
 
-1. Messages per second at --sessions concurrent senders, for 5 KB and 1 MB
-   messages, against (a) a bare aiosmtpd handler that discards and (b) esmail's
-   receiver with its durable spool (fsync'd before 250; the worker not running,
-   so that both sides do the same job: take the message). (c) is the whole
-   `esmail serve`, whose worker converts and stores what it takes, on the same
-   machine. Each server runs in its own process; the load client is one asyncio
-   process that keeps every session busy (MAIL, RCPT, DATA, wait for the reply).
-2. The p99 reply time of small messages while `esmail serve` converts a big
-   xlsx (a ~39 MB message), against the p99 with nothing to convert.
-3. The peak RSS of `esmail serve` (its own process, and its conversion process)
-   after it took and processed that message.
-Targets: 5 KB ≥ 0.8× bare, 1 MB ≥ 3× bare, p99 ≤ 1 s, peak RSS ≤ 400 MB.
+acceptance: messages per second at --sessions concurrent senders, 5 KB and 1 MB, taken by (a) a bare aiosmtpd
+   handler that discards, (b) esmail's receiver with its durable spool (fsync'd before 250; no worker, so that
+   both do the same job: take the message), (c) the whole `esmail serve`, which also converts and stores.
+postfix: end to end against a private Postfix (its own main.cf, master.cf, queue and a Maildir in the run's
+   temporary folder, on a free port; needs root, for Postfix's master): smtp-source sends N messages, and
+   the rate counts from the first connection until the last is delivered into the Maildir (Postfix) or
+   stored with its spool entry removed (esmail serve, [smtp] processes = 2).
+big: the p99 reply time of small messages while `esmail serve` takes and converts a ~39 MB message, and the
+   peak RSS of its processes.
+burst: 1 MB messages faster than the worker stores them: the p99 reply of small messages sent meanwhile, and
+   the RSS of esmail serve's processes while the backlog grows.
+outage: S3 (moto's server) behind a proxy that is stopped for --outage seconds while 40 messages arrive:
+   seconds from the store's return until the last is stored.
+Targets: 5 KB ≥ 0.8× bare, 1 MB ≥ 3× bare, end to end ≥ 1.0× Postfix, p99 ≤ 1 s, peak RSS ≤ 400 MB, the
+outage drained within 15 s.
 """
-
 from __future__ import annotations
 
 import argparse
@@ -29,11 +32,13 @@ import socket
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 from pathlib import Path
 
 CORPUS = Path(__file__).parent / "corpus"
 HERE = Path(__file__).resolve()
+FAKE_AWS = {"AWS_ACCESS_KEY_ID": "testing", "AWS_SECRET_ACCESS_KEY": "testing"}  # moto's server takes any
 
 
 def message(size: int, name: str = "readings.csv", content: bytes | None = None, kind: str = "text/csv") -> bytes:
@@ -165,14 +170,22 @@ class Server:
     def __init__(self, argv: list[str], port: int, cwd: Path | None = None, env: dict | None = None):
         self.port = port
         self.process = subprocess.Popen(argv, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, cwd=cwd, env=env)
+        self.wait_for(port, self._check)
+
+    def _check(self) -> None:
+        if self.process.poll() is not None:
+            raise RuntimeError(self.process.stderr.read().decode())
+
+    @staticmethod
+    def wait_for(port: int, check) -> None:
+        """Until something listens on `port` (a minute at most); `check` raises if the server died meanwhile."""
         deadline = time.monotonic() + 60
         while time.monotonic() < deadline:
             try:
                 socket.create_connection(("127.0.0.1", port), timeout=1).close()
                 return
             except OSError:
-                if self.process.poll() is not None:
-                    raise RuntimeError(self.process.stderr.read().decode())
+                check()
                 time.sleep(0.05)
         raise RuntimeError("server did not start")
 
@@ -191,16 +204,126 @@ def accept_server(spool: Path) -> Server:
     return Server([sys.executable, str(HERE), "_serve_accept", str(port), str(spool)], port)
 
 
-def daemon(work: Path, more: str = "", tree: Path | None = None, processes: int = 1) -> Server:
+def daemon(work: Path, more: str = "", tree: Path | None = None, processes: int = 1, storage: str = "") -> Server:
     """`esmail serve` on a fresh spool; `tree`: the esmail of another checkout (`git worktree add DIR REV`);
-    `processes`: [smtp] processes (receiver processes on the port)."""
+    `processes`: [smtp] processes (receiver processes on the port); `storage`: the [storage] keys (default: a local folder)."""
     port = free_port()
     receivers = f"processes = {processes}\n" if processes != 1 else ""
+    storage = storage or f'path = "{work / "data"}"\n'
     (work / "esmail.toml").write_text(
-        f'[smtp]\nlisten = "127.0.0.1:{port}"\nhostname = "bench"\n{receivers}[storage]\npath = "{work / "data"}"\n'
+        f'[smtp]\nlisten = "127.0.0.1:{port}"\nhostname = "bench"\n{receivers}[storage]\n{storage}'
         f'[spool]\npath = "{work / "spool"}"\nmin_free = 0\n{more}')
-    env = {**os.environ, "PYTHONPATH": str(tree)} if tree else None
+    env = {**os.environ, **FAKE_AWS, **({"PYTHONPATH": str(tree)} if tree else {})}
     return Server([sys.executable, "-m", "esmail", "--config", str(work / "esmail.toml"), "--log-level", "warning", "serve"], port, env=env)
+
+
+POSTFIX_MASTER = """\
+127.0.0.1:{port} inet n - n - - smtpd
+pickup    unix  n - n 60    1 pickup
+cleanup   unix  n - n -     0 cleanup
+qmgr      unix  n - n 300   1 qmgr
+rewrite   unix  - - n -     - trivial-rewrite
+bounce    unix  - - n -     0 bounce
+defer     unix  - - n -     0 bounce
+trace     unix  - - n -     0 bounce
+verify    unix  - - n -     1 verify
+flush     unix  n - n 1000? 0 flush
+proxymap  unix  - - n -     - proxymap
+showq     unix  n - n -     - showq
+error     unix  - - n -     - error
+retry     unix  - - n -     - error
+discard   unix  - - n -     - discard
+virtual   unix  - n n -     - virtual
+anvil     unix  - - n -     1 anvil
+scache    unix  - - n -     1 scache
+postlog   unix-dgram n - n - 1 postlogd
+"""
+
+
+class Postfix:
+    """A private Postfix instance, the peer an operator trusts for this job: its own main.cf and master.cf, queue
+    (fsync'd before 250) and a Maildir it delivers every message into (fsync'd), in `work`, on a free port.
+
+    Postfix's defaults otherwise (Debian's 3.7: up to 100 smtpd processes, 20 deliveries at once). The master runs
+    as root and drops to `postfix`; deliveries run as `nobody`. `postfix -c DIR` for a DIR outside /etc/postfix
+    needs root, or DIR in the default instance's alternate_config_directories (`unavailable` says which).
+    """
+
+    def __init__(self, work: Path):
+        self.work = work
+        self.port = free_port()
+        self.maildir = work / "mail" / "Maildir" / "new"
+        self.config = work / "etc"
+
+    @staticmethod
+    def unavailable() -> str | None:
+        """Why there can be no Postfix rows here, or None."""
+        if not (shutil.which("postfix") and shutil.which("smtp-source")):
+            return "Postfix is not installed (apt-get install postfix)"
+        if os.geteuid() != 0:
+            return "Postfix's master runs as root: run the benchmark as root for the Postfix rows"
+        return None
+
+    def start(self) -> "Postfix":
+        import pwd
+
+        nobody = pwd.getpwnam("nobody")
+        work = self.work
+        for folder in ("etc", "queue", "data", "mail"):
+            (work / folder).mkdir(parents=True, exist_ok=True)
+        for folder in (work, *work.parents):  # mkdtemp makes 0700 folders: Postfix's users must get through
+            if folder == Path(folder.anchor):
+                break
+            folder.chmod(folder.stat().st_mode | 0o111)
+        shutil.chown(work / "data", "postfix")
+        os.chown(work / "mail", nobody.pw_uid, nobody.pw_gid)
+        (self.config / "main.cf").write_text(f"""compatibility_level = 3.6
+queue_directory = {work / "queue"}
+data_directory = {work / "data"}
+maillog_file = {work / "postfix.log"}
+maillog_file_prefixes = {work}
+mail_owner = postfix
+setgid_group = postdrop
+myhostname = bench.example
+mydestination =
+inet_interfaces = 127.0.0.1
+inet_protocols = ipv4
+mynetworks = 127.0.0.0/8
+smtpd_relay_restrictions = permit_mynetworks, reject
+alias_maps =
+alias_database =
+message_size_limit = 50000000
+virtual_mailbox_domains = datafeeds.example.org
+virtual_mailbox_base = {work / "mail"}
+virtual_mailbox_maps = static:Maildir/
+virtual_mailbox_limit = 0
+virtual_uid_maps = static:{nobody.pw_uid}
+virtual_gid_maps = static:{nobody.pw_gid}
+""")
+        (self.config / "master.cf").write_text(POSTFIX_MASTER.format(port=self.port))
+        started = subprocess.run(["postfix", "-c", str(self.config), "start"], capture_output=True, text=True)
+        if started.returncode != 0:
+            log = (work / "postfix.log").read_text() if (work / "postfix.log").exists() else ""
+            hint = ""
+            if "alternate_config_directories" in log + started.stderr:
+                hint = f"; list the folder in the default instance: postconf -e 'alternate_config_directories = {self.config}'"
+            raise RuntimeError(f"postfix -c {self.config} start failed: {started.stderr.strip()} {log[-500:]}{hint}")
+        Server.wait_for(self.port, lambda: None)
+        return self
+
+    def delivered(self) -> int:
+        """Messages delivered into the Maildir so far."""
+        try:
+            return len(os.listdir(self.maildir))
+        except FileNotFoundError:
+            return 0
+
+    def stop(self) -> None:
+        master = Path(f"/proc/{(self.work / 'queue' / 'pid' / 'master.pid').read_text().strip()}")
+        subprocess.run(["postfix", "-c", str(self.config), "stop"], capture_output=True)
+        deadline = time.monotonic() + 30
+        while master.exists() and time.monotonic() < deadline:  # its children stop with it
+            time.sleep(0.1)
 
 
 def dns_server():
@@ -220,10 +343,10 @@ def dns_server():
     return server
 
 
-def feeds_daemon(work: Path, dns_port: int) -> Server:
+def feeds_daemon(work: Path, dns_port: int, processes: int = 1) -> Server:
     """`esmail serve` with a feed declared: every message is authenticated (SPF, DKIM, DMARC) in the worker."""
     return daemon(work, f'[dns]\nnameservers = ["127.0.0.1:{dns_port}"]\n'
-                        '[[feed]]\nprefix = "feed"\nsenders = ["*@supplier.example"]\nauthenticated = true\n')
+                        '[[feed]]\nprefix = "feed"\nsenders = ["*@supplier.example"]\nauthenticated = true\n', processes=processes)
 
 
 def create_cost_us(folder: Path, count: int = 300) -> float:
@@ -242,17 +365,27 @@ def create_cost_us(folder: Path, count: int = 300) -> float:
 
 # --- memory ---------------------------------------------------------------------
 
-def peak_rss_mb(pid: int) -> float:
-    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
-        if line.startswith("VmHWM:"):
-            return int(line.split()[1]) / 1024
+def peak_rss_mb(pid: int, field: str = "VmHWM") -> float:
+    try:
+        for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+            if line.startswith(field + ":"):
+                return int(line.split()[1]) / 1024
+    except FileNotFoundError:  # ended meanwhile
+        pass
     return 0.0
+
+
+def rss_mb(pid: int) -> float:
+    return peak_rss_mb(pid, "VmRSS")
 
 
 def children(pid: int) -> list[int]:
     found = []
-    for task in Path(f"/proc/{pid}/task").iterdir():
-        found += [int(c) for c in (task / "children").read_text().split()]
+    try:
+        for task in Path(f"/proc/{pid}/task").iterdir():
+            found += [int(c) for c in (task / "children").read_text().split()]
+    except FileNotFoundError:  # it ended meanwhile
+        pass
     return found + [g for c in found for g in children(c)]
 
 
@@ -298,81 +431,289 @@ def send(port: int, msg: bytes) -> str:
 
 # --- the run ----------------------------------------------------------------------
 
+SECTIONS = ("acceptance", "postfix", "big", "burst", "outage")
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--seconds", type=float, default=8.0, help="load per measurement (default 8)")
     parser.add_argument("--sessions", type=int, default=16)
     parser.add_argument("--against", type=Path, metavar="DIR",
                         help="also measure the 5 KB serve row of the esmail in another checkout (git worktree add DIR REV)")
+    parser.add_argument("--only", choices=SECTIONS, action="append", help="only this part (may be repeated); default: all")
+    parser.add_argument("--outage", type=float, default=150.0, help="seconds the store is down in the outage part (default 150)")
     args = parser.parse_args()
     args.against = args.against.resolve() if args.against else None
     work = Path(tempfile.mkdtemp(prefix="esmail-bench-"))
     try:
         client = "Postfix smtp-source, a connection per message" if shutil.which("smtp-source") else "the script's client, sessions kept open"
         print(f"{args.sessions} concurrent sessions ({client}), ~{args.seconds:.0f} s per measurement, {os.cpu_count()} cores")
-        print(f"spool in {work} (TMPDIR chooses); creating a file there takes {create_cost_us(work / 'spool-5000' / 'tmp'):.0f} µs\n")
-        print(f"{'server':48} {'msg/s':>8}   ratio (target)")
-        rates = {}
+        print(f"spool in {work} (TMPDIR chooses); creating a file there takes {create_cost_us(work / 'spool-5000' / 'tmp'):.0f} µs")
         dns = dns_server()
-        serve = "esmail serve (also converts and stores)"
-        serve2 = "esmail serve, [smtp] processes = 2"
-        for size, label, target in ((5_000, "5 KB", 0.8), (1_000_000, "1 MB", 3.0)):
-            servers = [("bare aiosmtpd, discards", bare_server),
-                       ("esmail receiver + fsync'd spool", lambda: accept_server(work / f"spool-{size}")),
-                       (serve, lambda: daemon(_fresh(work / f"daemon-{size}"))),
-                       (serve2, lambda: daemon(_fresh(work / f"daemon2-{size}"), processes=2))]
-            if size == 5_000:
-                servers.append(("esmail serve, a [[feed]] declared", lambda: feeds_daemon(_fresh(work / "feeds"), dns.server.server_address[1])))
-                if args.against:
-                    servers.append((f"esmail serve of {args.against.name}", lambda: daemon(_fresh(work / "against"), tree=args.against)))
-            for name, start in servers:
-                server = start()
-                try:
-                    rates[(size, name)] = rate(server.port, size, args.sessions, args.seconds)
-                finally:
-                    server.stop()
-                bare = rates[(size, "bare aiosmtpd, discards")]
-                measured = rates[(size, name)]
-                ratio = "" if name.startswith("bare") else f"{measured / bare:.2f}× bare" + (f" (≥ {target}×)" if "spool" in name else "")
-                if "feed" in name:
-                    ratio += f", {measured / rates[(size, serve)]:.2f}× without feeds (≥ 0.9×)"
-                if args.against and name.endswith(args.against.name):
-                    ratio += f"; this tree's serve is {rates[(size, serve)] / measured:.2f}× it"
-                print(f"{label + ' · ' + name:48} {measured:8.1f}   {ratio}", flush=True)
+        for section in args.only or SECTIONS:
+            print()
+            {"acceptance": acceptance, "postfix": versus_postfix, "big": big_message_while_busy, "burst": burst,
+             "outage": outage}[section](args, work, dns)
         dns.stop()
-
-        print()
-        xlsx = big_xlsx()
-        big = big_message(xlsx)
-        dir_ = _fresh(work / "p99")
-        server = daemon(dir_)
-        try:
-            quiet = load(server.port, 5_000, 4, args.seconds)
-            started = time.monotonic()
-            with subprocess.Popen([sys.executable, str(HERE), "_load", str(server.port), "5000", "4", str(args.seconds * 3)],
-                                  stdout=subprocess.PIPE, text=True) as loader:
-                reply = send(server.port, big)
-                accepted = time.monotonic() - started
-                target = dir_ / "data" / "es-development-data-amr-data" / "big"
-                while len(list(target.glob("*/*.csv"))) < 2 and time.monotonic() - started < 600:
-                    time.sleep(0.1)
-                converted = time.monotonic() - started
-                busy = json.loads(loader.communicate()[0])
-            pids = [server.process.pid, *children(server.process.pid)]
-            peaks = {pid: peak_rss_mb(pid) for pid in pids}
-        finally:
-            server.stop()
-        print(f"big message: {len(big) / 1e6:.1f} MB ({xlsx.stat().st_size / 1e6:.1f} MB xlsx of 1.9M cells, and a CSV): "
-              f"accepted in {accepted:.1f} s ({reply.split()[0]}), converted and stored {converted:.1f} s after it was sent")
-        print(f"p99 reply, 5 KB messages, 4 sessions: {quiet['p99'] * 1000:.0f} ms idle, "
-              f"{busy['p99'] * 1000:.0f} ms while the big one is taken and converted "
-              f"({busy['p99'] / quiet['p99']:.1f}× idle; target ≤ 1000 ms)")
-        main_pid = server.process.pid
-        others = " + ".join(f"{mb:.0f}" for pid, mb in peaks.items() if pid != main_pid)
-        print(f"peak RSS of esmail serve: {peaks[main_pid]:.0f} MB (daemon) + {others} MB (conversion processes) "
-              f"= {sum(peaks.values()):.0f} MB (target ≤ 400 MB)")
     finally:
         shutil.rmtree(work, ignore_errors=True)
+
+
+def acceptance(args, work: Path, dns) -> None:
+    """Messages per second taken (250) by bare aiosmtpd, esmail's receiver, and the whole daemon."""
+    print(f"{'server':48} {'msg/s':>8}   ratio (target)")
+    rates = {}
+    serve = "esmail serve (also converts and stores)"
+    serve2 = "esmail serve, [smtp] processes = 2"
+    for size, label, target in ((5_000, "5 KB", 0.8), (1_000_000, "1 MB", 3.0)):
+        servers = [("bare aiosmtpd, discards", bare_server),
+                   ("esmail receiver + fsync'd spool", lambda: accept_server(work / f"spool-{size}")),
+                   (serve, lambda: daemon(_fresh(work / f"daemon-{size}"))),
+                   (serve2, lambda: daemon(_fresh(work / f"daemon2-{size}"), processes=2))]
+        if size == 5_000:
+            servers.append(("esmail serve, a [[feed]] declared", lambda: feeds_daemon(_fresh(work / "feeds"), dns.server.server_address[1])))
+            if args.against:
+                servers.append((f"esmail serve of {args.against.name}", lambda: daemon(_fresh(work / "against"), tree=args.against)))
+        for name, start in servers:
+            server = start()
+            try:
+                rates[(size, name)] = rate(server.port, size, args.sessions, args.seconds)
+            finally:
+                server.stop()
+            bare = rates[(size, "bare aiosmtpd, discards")]
+            measured = rates[(size, name)]
+            ratio = "" if name.startswith("bare") else f"{measured / bare:.2f}× bare" + (f" (≥ {target}×)" if "spool" in name else "")
+            if "feed" in name:
+                ratio += f", {measured / rates[(size, serve)]:.2f}× without feeds (≥ 0.9×)"
+            if args.against and name.endswith(args.against.name):
+                ratio += f"; this tree's serve is {rates[(size, serve)] / measured:.2f}× it"
+            print(f"{label + ' · ' + name:48} {measured:8.1f}   {ratio}", flush=True)
+
+
+def end_to_end(port: int, size: int, count: int, sessions: int, finished) -> tuple[float, float]:
+    """(accepted, end to end) in messages per second: smtp-source sends `count` messages of `size` bytes (a connection
+    each); accepted when it has its last 250, end to end when `finished()` (messages delivered or stored) reaches `count`."""
+    started = time.monotonic()
+    subprocess.run(["smtp-source", "-s", str(sessions), "-l", str(size), "-m", str(count), "-f", "bench@supplier.example",
+                    "-t", "feed@datafeeds.example.org", f"127.0.0.1:{port}"], check=True, timeout=1200)
+    accepted = time.monotonic() - started
+    deadline = started + 1800
+    while finished() < count and time.monotonic() < deadline:
+        time.sleep(0.02)
+    if finished() < count:
+        raise RuntimeError(f"only {finished()} of {count} messages were delivered or stored")
+    return count / accepted, count / (time.monotonic() - started)
+
+
+def esmail_finished(work: Path, count: int):
+    """For `end_to_end`: how many of the `count` accepted messages are no longer queued (stored, or failed: checked after)."""
+    queue = work / "spool" / "queue"
+    return lambda: count - sum(1 for name in os.listdir(queue) if name.endswith(".msg"))
+
+
+def inbox_objects(work: Path) -> int:
+    return sum(len(files) for _, _, files in os.walk(work / "data" / "es-development-data-inbox"))
+
+
+def versus_postfix(args, work: Path, dns) -> None:
+    """End to end against Postfix, in the same run: from the first connection until the last message is delivered
+    (Postfix: into its Maildir, fsync'd) or stored (esmail: its objects stored, the spool entry removed)."""
+    missing = Postfix.unavailable()
+    if missing:
+        print(f"(no Postfix rows: {missing})")
+        return
+    print(f"end to end against Postfix {postfix_version()}: smtp-source, {args.sessions} sessions, a connection per message, "
+          "plain text (no attachments)")
+    print(f"{'server':50} {'accepts msg/s':>14} {'end to end msg/s':>17}")
+    for size, label, count in ((5_000, "5 KB", int(args.seconds * 375)), (1_000_000, "1 MB", int(args.seconds * 36))):
+        postfix = Postfix(_fresh(work / f"postfix-{size}")).start()
+        try:
+            peer = end_to_end(postfix.port, size, count, args.sessions, postfix.delivered)
+        finally:
+            postfix.stop()
+        print(f"{f'{label} × {count:,} · Postfix (queue + Maildir)':50} {peer[0]:14.1f} {peer[1]:17.1f}", flush=True)
+        esmails = [("esmail serve, [smtp] processes = 2", lambda folder: daemon(folder, processes=2))]
+        if size == 5_000:
+            esmails.append(("the same, a [[feed]] declared", lambda folder: feeds_daemon(folder, dns.server.server_address[1], processes=2)))
+        for name, start in esmails:
+            folder = _fresh(work / f"e2e-{size}-{len(name)}")
+            server = start(folder)
+            try:
+                ours = end_to_end(server.port, size, count, args.sessions, esmail_finished(folder, count))
+            finally:
+                server.stop()
+            failed = len(os.listdir(folder / "spool" / "failed"))
+            stored = inbox_objects(folder)
+            check = "" if stored == count and not failed else f"  (!! {stored} inbox objects, {failed} failed)"
+            print(f"{f'{label} × {count:,} · {name}':50} {ours[0]:8.1f} {ours[0] / peer[0]:4.2f}× {ours[1]:11.1f} "
+                  f"{ours[1] / peer[1]:4.2f}× (≥ 1.0×){check}", flush=True)
+
+
+def postfix_version() -> str:
+    return subprocess.run(["postconf", "-h", "mail_version"], capture_output=True, text=True).stdout.strip()
+
+
+def big_message_while_busy(args, work: Path, dns) -> None:
+    """The 39 MB message: accepted and converted while small messages keep coming; p99 reply, peak RSS."""
+    xlsx = big_xlsx()
+    big = big_message(xlsx)
+    dir_ = _fresh(work / "p99")
+    server = daemon(dir_)
+    try:
+        quiet = load(server.port, 5_000, 4, args.seconds)
+        started = time.monotonic()
+        with subprocess.Popen([sys.executable, str(HERE), "_load", str(server.port), "5000", "4", str(args.seconds * 3)],
+                              stdout=subprocess.PIPE, text=True) as loader:
+            reply = send(server.port, big)
+            accepted = time.monotonic() - started
+            target = dir_ / "data" / "es-development-data-amr-data" / "big"
+            while len(list(target.glob("*/*.csv"))) < 2 and time.monotonic() - started < 600:
+                time.sleep(0.1)
+            converted = time.monotonic() - started
+            busy = json.loads(loader.communicate()[0])
+        pids = [server.process.pid, *children(server.process.pid)]
+        peaks = {pid: peak_rss_mb(pid) for pid in pids}
+    finally:
+        server.stop()
+    print(f"big message: {len(big) / 1e6:.1f} MB ({xlsx.stat().st_size / 1e6:.1f} MB xlsx of 1.9M cells, and a CSV): "
+          f"accepted in {accepted:.1f} s ({reply.split()[0]}), converted and stored {converted:.1f} s after it was sent")
+    print(f"p99 reply, 5 KB messages, 4 sessions: {quiet['p99'] * 1000:.0f} ms idle, "
+          f"{busy['p99'] * 1000:.0f} ms while the big one is taken and converted "
+          f"({busy['p99'] / quiet['p99']:.1f}× idle; target ≤ 1000 ms)")
+    main_pid = server.process.pid
+    others = " + ".join(f"{mb:.0f}" for pid, mb in peaks.items() if pid != main_pid)
+    print(f"peak RSS of esmail serve: {peaks[main_pid]:.0f} MB (daemon) + {others} MB (conversion processes) "
+          f"= {sum(peaks.values()):.0f} MB (target ≤ 400 MB)")
+
+
+def burst(args, work: Path, dns) -> None:
+    """A burst of 1 MB messages that the worker cannot keep up with: the replies to small messages sent meanwhile
+    (p99) and the daemon's memory (its processes' RSS together, sampled) while the spool's backlog grows."""
+    folder = _fresh(work / "burst")
+    server = daemon(folder, processes=2)
+    samples: list[tuple[float, int]] = []
+    stop = threading.Event()
+
+    def sample() -> None:
+        while not stop.wait(0.5):
+            pids = [server.process.pid, *children(server.process.pid)]
+            queued = sum(1 for name in os.listdir(folder / "spool" / "queue") if name.endswith(".msg"))
+            samples.append((sum(rss_mb(pid) for pid in pids), queued))
+
+    try:
+        quiet = load(server.port, 5_000, 4, args.seconds)
+        sampler = threading.Thread(target=sample)
+        sampler.start()
+        with subprocess.Popen([sys.executable, str(HERE), "_load", str(server.port), "5000", "4", str(args.seconds * 3)],
+                              stdout=subprocess.PIPE, text=True) as small:
+            big = load(server.port, 1_000_000, args.sessions, args.seconds * 3)
+            busy = json.loads(small.communicate()[0])
+        stop.set()
+        sampler.join()
+    finally:
+        server.stop()
+    rss = [mb for mb, _ in samples]
+    print(f"burst: {big['messages']} × 1 MB in {big['seconds']:.0f} s ({big['rate']:.0f} msg/s, {args.sessions} sessions), "
+          f"{samples[-1][1]} messages still queued at its end (the worker behind)")
+    print(f"  p99 reply to 5 KB messages sent meanwhile: {busy['p99'] * 1000:.0f} ms ({quiet['p99'] * 1000:.0f} ms idle; target ≤ 1000 ms)")
+    print(f"  RSS of esmail serve (all its processes): {rss[0]:.0f} MB at the start, {max(rss):.0f} MB at most, "
+          f"{rss[-1]:.0f} MB at the end (flat: the backlog waits on disk)")
+
+
+class Proxy:
+    """A TCP proxy (asyncio, in a thread of its own) in front of a server: `stop` closes its port and every connection
+    through it, as an outage would; `start` opens it again on the same port."""
+
+    def __init__(self, target: int):
+        self.target = target
+        self.port = free_port()
+        self.loop = asyncio.new_event_loop()
+        threading.Thread(target=self.loop.run_forever, daemon=True).start()
+        self._server = None
+        self._open: set[asyncio.StreamWriter] = set()
+
+    def start(self) -> None:
+        asyncio.run_coroutine_threadsafe(self._start(), self.loop).result()
+
+    def stop(self) -> None:
+        asyncio.run_coroutine_threadsafe(self._stop(), self.loop).result()
+
+    async def _start(self) -> None:
+        self._server = await asyncio.start_server(self._pipe, "127.0.0.1", self.port, reuse_address=True)
+
+    async def _stop(self) -> None:
+        self._server.close()
+        for writer in list(self._open):
+            writer.transport.abort()
+
+    async def _pipe(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        try:
+            upstream_reader, upstream = await asyncio.open_connection("127.0.0.1", self.target)
+        except OSError:
+            writer.transport.abort()
+            return
+        self._open |= {writer, upstream}
+
+        async def copy(source: asyncio.StreamReader, sink: asyncio.StreamWriter) -> None:
+            try:
+                while data := await source.read(1 << 16):
+                    sink.write(data)
+                    await sink.drain()
+            except OSError:
+                pass
+            finally:
+                sink.close()
+
+        await asyncio.gather(copy(reader, upstream), copy(upstream_reader, writer))
+        self._open -= {writer, upstream}
+
+
+def outage(args, work: Path, dns, count: int = 40) -> None:
+    """S3 (moto's server) behind a proxy that is stopped for --outage seconds while `count` messages arrive, one
+    every so often; then started again: the time from the store's return until the last message's objects are stored."""
+    for tree in (None, args.against) if args.against else (None,):
+        drained = outage_drain(work / f"outage-{tree.name if tree else 'this'}", args.outage, count, tree)
+        print(f"storage outage: {count} messages arrived during a {args.outage:.0f}-s outage of S3 (moto behind a proxy); "
+              f"{f'the esmail of {tree.name}: ' if tree else ''}all stored {drained:.1f} s after it came back (target ≤ 15 s)", flush=True)
+
+
+def outage_drain(folder: Path, seconds: float, count: int, tree: Path | None) -> float:
+    import logging
+
+    import boto3
+    from moto.server import ThreadedMotoServer
+
+    logging.getLogger("werkzeug").setLevel(logging.ERROR)  # moto's server logs every request
+
+    moto_port = free_port()
+    moto = ThreadedMotoServer(ip_address="127.0.0.1", port=moto_port, verbose=False)
+    moto.start()
+    proxy = Proxy(moto_port)
+    proxy.start()
+    url = f"http://127.0.0.1:{proxy.port}"
+    s3 = boto3.client("s3", endpoint_url=f"http://127.0.0.1:{moto_port}", region_name="eu-west-2",
+                      aws_access_key_id="testing", aws_secret_access_key="testing")
+    for bucket in ("inbox", "amr-data", "unprocessable"):
+        s3.create_bucket(Bucket=f"es-development-data-{bucket}", CreateBucketConfiguration={"LocationConstraint": "eu-west-2"})
+    server = daemon(_fresh(folder), tree=tree, storage=f'backend = "s3"\nendpoint_url = "{url}"\nregion = "eu-west-2"\n')
+    try:
+        proxy.stop()
+        down = time.monotonic()
+        for n in range(count):
+            time.sleep(max(down + n * seconds / count - time.monotonic(), 0))
+            send(server.port, message(5_000))
+        time.sleep(max(down + seconds - time.monotonic(), 0))
+        proxy.start()
+        back = time.monotonic()
+        queued = esmail_finished(folder, count)
+        while queued() < count and time.monotonic() - back < 1200:
+            time.sleep(0.05)
+        drained = time.monotonic() - back
+    finally:
+        server.stop()
+        proxy.stop()
+        moto.stop()
+    return drained
 
 
 def _fresh(path: Path) -> Path:
