@@ -92,13 +92,14 @@ class Worker:
             entry = self.spool.entry(entry)
         entry_id, envelope, state = entry.id, entry.envelope, entry.state
         alone = state.crashes > 0  # a suspect: converted in a process of its own
-        auth = await self._authenticate(entry, alone)
+        auth, converted = await self._authenticate(entry, alone)
         refused = self._judge(envelope, auth)
         if auth is not None and state.authentication is None and not envelope.held:  # final now: a replay stores the same copy
             self.spool.record_authentication(entry, asdict(auth))
         passing = [prefix for prefix in envelope.folders if prefix not in refused]
-        converted = Converted([], [], 0)
-        if passing or not envelope.folders:
+        if envelope.folders and not passing:  # every feed refused it: nothing to convert
+            converted = Converted([], [], 0)
+        elif converted is None:  # not converted on the way (see _authenticate)
             try:
                 with metrics.CONVERSION.time():
                     converted = await self._in_pool(alone, convert_entry, entry.path, self.config.csv.ascii_only,
@@ -168,26 +169,28 @@ class Worker:
             authentication=auth.header if auth is not None else "", reason=reason, attempts=attempts,
             seconds=round(time.monotonic() - started, 3), files=files))
 
-    async def _authenticate(self, entry: Entry, alone: bool) -> Authentication | None:
+    async def _authenticate(self, entry: Entry, alone: bool) -> tuple[Authentication | None, Converted | None]:
         """SPF, DKIM and DMARC of the message (DESIGN §12), once feeds are declared; None when none are (no DNS at all).
+        With them, when they are worked out, the message's conversion, in the same trip to the pool (or None).
 
         Results that were final are reused: from the state when the entry is
         processed again, from the envelope when a human released it.
         """
         if not self.config.feeds:
-            return None
-        from esmail.authentication import Authentication, Request, authenticate_entry
+            return None, None
+        from esmail.authentication import Authentication, Request, authenticate_and_convert
 
         envelope, state = entry.envelope, entry.state
         if envelope.held:
-            return Authentication(envelope.authentication, "", True)
+            return Authentication(envelope.authentication, "", True), None
         if state.authentication is not None:
-            return Authentication(**state.authentication)
+            return Authentication(**state.authentication), None
         smtp = envelope.origin == "smtp"
         request = Request(self.config.dns, self.config.smtp.hostname, client=envelope.client if smtp else "",
                           helo=envelope.helo if smtp else "", mail_from=envelope.sender if smtp else "",
                           trusted_authserv_id=envelope.trusted_authserv_id)
-        return await self._in_pool(alone, authenticate_entry, entry.path, request)
+        return await self._in_pool(alone, authenticate_and_convert, entry.path, request, self.config.csv.ascii_only,
+                                   self.config.links.patterns)
 
     def _judge(self, envelope: Envelope, auth: Authentication | None) -> dict[str, Refusal]:
         """The prefixes whose feed refuses the message (TemporaryFailure when DNS trouble leaves that open)."""

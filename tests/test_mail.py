@@ -129,3 +129,39 @@ def test_the_summary_reads_from_and_date_as_the_email_package_does():
         msg = mail.parse(raw)
         slow = {"header_from": mail.header_text(msg, "From"), "subject": mail.header_text(msg, "Subject"), "date": mail.header_text(msg, "Date")}
         assert mail.summary(msg) == slow, headers
+
+
+def test_a_message_of_one_part_is_parsed_as_the_email_package_parses_it():
+    """mail.parse parses only the headers of a message that is not multipart (a text body, as links come) and must
+    make what the parser makes of it: headers, payload, defects, for plain, broken and mutated messages."""
+    import random
+
+    from email.parser import BytesFeedParser
+
+    rng = random.Random(11)
+    bases = [b"From: a@b\r\nTo: x@y\r\nSubject: s\r\n\r\nbody line\r\n.\r\nmore\r\n", b"To: x@y\nSubject: s\n\nlf body\n",
+             b"Subject: s\r\nContent-Type: text/plain; charset=utf-8\r\nContent-Transfer-Encoding: quoted-printable\r\n\r\nh=C3=A9\r\n",
+             b"To: x@y\r\nContent-Type: text/html\r\n\r\n<a href='https://x/y'>x</a>", b"To: x@y\r\n\r\n", b"\r\nno headers\r\n",
+             b"To: x@y\r\nnot a header\r\n\r\nbody\r\n", b"To: x@y\r\n folded\r\n\tagain\r\n\r\nbody\r\n", b"To: x@y\rSubject: s\r\r\rbody\r",
+             b"Content-Type: multipart/mixed; boundary=b\r\n\r\n--b\r\n\r\nx\r\n--b--\r\n", b"Content-Type: message/rfc822\r\n\r\nTo: a@b\r\n\r\nx",
+             b"From x\r\nTo: y@z\r\n\r\nbody\r\n", b"To: \xff\xfe@y\r\nSubject: \xe9\r\n\r\n\xe9 8-bit body\r\n", b"To: x@y\r\n\r\n\r\n\r\n",
+             b"To: x@y\n\r\nbody", b"To: x@y\r\n\nbody"]
+    messages = list(bases)
+    for _ in range(3000):
+        raw = bytearray(rng.choice(bases))
+        for _ in range(rng.randint(1, 4)):
+            at = rng.randrange(len(raw) + 1)
+            raw[at:at + rng.randint(0, 3)] = bytes(rng.choice(b"\r\n:; \t-aZ=\xff") for _ in range(rng.randint(0, 3)))
+        messages.append(bytes(raw))
+    def seen(msg):
+        try:
+            flat = msg.as_bytes()
+        except Exception as exc:  # headers too broken to write out: then for both
+            flat = type(exc)
+        return (list(msg.raw_items()), msg.is_multipart() or msg.get_payload(), [type(d) for d in msg.defects], msg.is_multipart(),
+                flat)
+
+    for raw in messages:
+        parser = BytesFeedParser(policy=policy.default)
+        parser.feed(raw)
+        assert seen(mail.parse(raw)) == seen(parser.close()), raw
