@@ -26,10 +26,14 @@ class DnsTrouble(Exception):
 
 @functools.lru_cache(maxsize=8)
 def _resolver(config: DnsConfig) -> dns.resolver.Resolver:
+    """The resolver of a conversion process, with a cache of its own: a feed's sender domain is asked about again
+    only when its records' TTL runs out, not for every message (three or four lookups each)."""
     if not config.nameservers:
-        return dns.resolver.Resolver()  # /etc/resolv.conf
-    resolver = dns.resolver.Resolver(configure=False)
-    resolver.nameservers = [dns.nameserver.Do53Nameserver(host, port) for host, port in config.nameservers]
+        resolver = dns.resolver.Resolver()  # /etc/resolv.conf
+    else:
+        resolver = dns.resolver.Resolver(configure=False)
+        resolver.nameservers = [dns.nameserver.Do53Nameserver(host, port) for host, port in config.nameservers]
+    resolver.cache = dns.resolver.LRUCache(10_000)
     return resolver
 
 
