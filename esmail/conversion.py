@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+import pickle
 import re
 import resource
 import tempfile
@@ -90,6 +91,22 @@ def convert_entry(path: Path, ascii_only: bool = False, link_patterns: tuple[str
     """`convert` of a spool entry, read here: the conversion process reads the message from
     disk rather than have the daemon send it over a pipe (and hold it meanwhile)."""
     return convert(read_entry(path)[1], ascii_only, link_patterns)
+
+
+def convert_entries(paths: list[Path], ascii_only: bool = False, link_patterns: tuple[str, ...] = ()) -> list:
+    """`convert_entry` of several entries in one trip to the pool (small messages: the trip costs more than their
+    conversion); each result is a Converted, or the exception its conversion raised."""
+    results = []
+    for path in paths:
+        try:
+            results.append(convert_entry(path, ascii_only, link_patterns))
+        except Exception as exc:
+            try:
+                pickle.dumps(exc)
+            except Exception:  # it must travel back to the daemon: as its text, then
+                exc = RuntimeError(f"{type(exc).__name__}: {exc}")
+            results.append(exc)
+    return results
 
 
 def _take_apart(raw: bytes, link_patterns: tuple[str, ...]) -> tuple[list[tuple[str, bytes]], list[str], int, dict[str, str]]:

@@ -13,6 +13,7 @@ import logging
 import multiprocessing
 import os
 import time
+from collections import deque
 from concurrent.futures import ProcessPoolExecutor
 from concurrent.futures.process import BrokenProcessPool
 from dataclasses import asdict, dataclass
@@ -22,7 +23,7 @@ from typing import TYPE_CHECKING
 from esmail import history, links, mail, metrics, report
 from esmail.chain import INBOX, UNPROCESSABLE
 from esmail.config import Config
-from esmail.conversion import Converted, convert_entry, route_all, start_process
+from esmail.conversion import Converted, convert_entries, convert_entry, route_all, start_process
 from esmail.errors import ConversionCrashed, NeedsFixing, StorageFailure, TemporaryFailure
 from esmail.group_commit import Batches
 from esmail.history import FileRow, History
@@ -44,6 +45,8 @@ CRASHED = ("its conversion killed the converting process twice, the second time 
 MAX_BACKOFF = 600.0  # seconds: a storage outage is retried at least every 10 minutes
 IN_FLIGHT = 32  # entries the scheduler runs at once (their conversions wait for the pool): their stores and removals share flushes
 IN_FLIGHT_BYTES = 64 << 20  # and the size of their messages together; a bigger message runs once it is alone
+BATCH = 16  # small messages that wait for the pool go to a process together (the trip costs more than converting one)
+BATCH_BYTES = 1 << 20  # ... as long as they come to no more than this together
 
 
 @dataclass(frozen=True)
@@ -70,6 +73,8 @@ class Worker:
         self._told = False  # a NeedsFixing went to Rollbar since the last write that worked: once is enough
         self._converting = asyncio.Semaphore(process_pool_size(config))  # calls in the pool at once: one per process
         self._finished: Batches[str, None] = Batches(lambda entry_ids: self.spool.done(*entry_ids))
+        self._to_convert: deque[tuple[Path, int, asyncio.Future]] = deque()  # small entries waiting for the pool, with their sizes
+        self._senders = 0  # tasks sending them there, at most one a process
 
     @property
     def store_error(self) -> str | None:
@@ -102,8 +107,7 @@ class Worker:
         elif converted is None:  # not converted on the way (see _authenticate)
             try:
                 with metrics.CONVERSION.time():
-                    converted = await self._in_pool(alone, convert_entry, entry.path, self.config.csv.ascii_only,
-                                                    self.config.links.patterns)
+                    converted = await self._convert(entry, alone)
             except TemporaryFailure:
                 raise
             except Exception as exc:  # the message itself broke the parser: keep it whole, in failed/ too
@@ -221,6 +225,40 @@ class Worker:
                 envelope.sender, ",".join(prefixes), size, counted(objects, "object"), seconds, skipped, held, results,
                 extra={"spool_id": envelope.id, "client": envelope.client, "sender": envelope.sender, "prefixes": prefixes,
                        "size": size, "outcome": outcome, "objects": objects, "seconds": seconds, **extra})
+
+    async def _convert(self, entry: Entry, alone: bool) -> Converted:
+        """`convert_entry` in the pool; small entries that wait for it meanwhile are sent together (BATCH)."""
+        size = entry.path.stat().st_size
+        if alone or self.executor is None or size >= BATCH_BYTES:
+            return await self._in_pool(alone, convert_entry, entry.path, self.config.csv.ascii_only, self.config.links.patterns)
+        converted = asyncio.get_running_loop().create_future()
+        self._to_convert.append((entry.path, size, converted))
+        if self._senders < process_pool_size(self.config):
+            self._senders += 1
+            asyncio.create_task(self._send_conversions())
+        return await converted
+
+    async def _send_conversions(self) -> None:
+        try:
+            while self._to_convert:
+                batch, size = [], 0
+                while self._to_convert and len(batch) < BATCH and size < BATCH_BYTES:
+                    batch.append(self._to_convert.popleft())
+                    size += batch[-1][1]
+                try:
+                    results = await self._in_pool(False, convert_entries, [path for path, _, _ in batch], self.config.csv.ascii_only,
+                                                  self.config.links.patterns)
+                except Exception as exc:  # the pool died (every entry in it shares the blame) or a bug
+                    results = [exc] * len(batch)
+                for (_, _, future), result in zip(batch, results):
+                    if future.done():
+                        continue
+                    if isinstance(result, BaseException):
+                        future.set_exception(result)
+                    else:
+                        future.set_result(result)
+        finally:
+            self._senders -= 1
 
     async def _in_pool(self, alone: bool, function, *args):
         """`function(*args)` in the conversion pool, or `alone` in a process of its own.
