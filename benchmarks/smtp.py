@@ -318,8 +318,11 @@ virtual_gid_maps = static:{nobody.pw_gid}
         except FileNotFoundError:
             return 0
 
+    def master(self) -> int:
+        return int((self.work / "queue" / "pid" / "master.pid").read_text())
+
     def stop(self) -> None:
-        master = Path(f"/proc/{(self.work / 'queue' / 'pid' / 'master.pid').read_text().strip()}")
+        master = Path(f"/proc/{self.master()}")
         subprocess.run(["postfix", "-c", str(self.config), "stop"], capture_output=True)
         deadline = time.monotonic() + 30
         while master.exists() and time.monotonic() < deadline:  # its children stop with it
@@ -490,9 +493,22 @@ def acceptance(args, work: Path, dns) -> None:
             print(f"{label + ' · ' + name:48} {measured:8.1f}   {ratio}", flush=True)
 
 
-def end_to_end(port: int, size: int, count: int, sessions: int, finished) -> tuple[float, float]:
-    """(accepted, end to end) in messages per second: smtp-source sends `count` messages of `size` bytes (a connection
-    each); accepted when it has its last 250, end to end when `finished()` (messages delivered or stored) reaches `count`."""
+def cpu_seconds(pid: int) -> float:
+    """CPU time (user + system) of a process and all its descendants, the ended ones they waited for included."""
+    total = 0
+    for each in (pid, *children(pid)):
+        try:
+            total += sum(int(f) for f in Path(f"/proc/{each}/stat").read_text().rsplit(")", 1)[1].split()[11:15])
+        except FileNotFoundError:  # ended meanwhile
+            continue
+    return total / os.sysconf("SC_CLK_TCK")
+
+
+def end_to_end(port: int, size: int, count: int, sessions: int, finished, pid: int) -> tuple[float, float, float]:
+    """(accepted, end to end) in messages per second, and the server's CPU ms a message (`pid` and its descendants):
+    smtp-source sends `count` messages of `size` bytes (a connection each); accepted when it has its last 250, end to
+    end when `finished()` (messages delivered or stored) reaches `count`."""
+    cpu = cpu_seconds(pid)
     started = time.monotonic()
     subprocess.run(["smtp-source", "-s", str(sessions), "-l", str(size), "-m", str(count), "-f", "bench@supplier.example",
                     "-t", "feed@datafeeds.example.org", f"127.0.0.1:{port}"], check=True, timeout=1200)
@@ -502,7 +518,7 @@ def end_to_end(port: int, size: int, count: int, sessions: int, finished) -> tup
         time.sleep(0.02)
     if finished() < count:
         raise RuntimeError(f"only {finished()} of {count} messages were delivered or stored")
-    return count / accepted, count / (time.monotonic() - started)
+    return count / accepted, count / (time.monotonic() - started), (cpu_seconds(pid) - cpu) / count * 1000
 
 
 def esmail_finished(work: Path, count: int):
@@ -524,14 +540,14 @@ def versus_postfix(args, work: Path, dns) -> None:
         return
     print(f"end to end against Postfix {postfix_version()}: smtp-source, {args.sessions} sessions, a connection per message, "
           "plain text (no attachments)")
-    print(f"{'server':50} {'accepts msg/s':>14} {'end to end msg/s':>17}")
+    print(f"{'server':50} {'accepts msg/s':>14} {'end to end msg/s':>17}   {'CPU ms/msg':>10}")
     for size, label, count in ((5_000, "5 KB", int(args.seconds * 375)), (1_000_000, "1 MB", int(args.seconds * 36))):
         postfix = Postfix(_fresh(work / f"postfix-{size}")).start()
         try:
-            peer = end_to_end(postfix.port, size, count, args.sessions, postfix.delivered)
+            peer = end_to_end(postfix.port, size, count, args.sessions, postfix.delivered, postfix.master())
         finally:
             postfix.stop()
-        print(f"{f'{label} × {count:,} · Postfix (queue + Maildir)':50} {peer[0]:14.1f} {peer[1]:17.1f}", flush=True)
+        print(f"{f'{label} × {count:,} · Postfix (queue + Maildir)':50} {peer[0]:14.1f} {peer[1]:17.1f}   {peer[2]:10.2f}", flush=True)
         esmails = [("esmail serve, [smtp] processes = 2", lambda folder: daemon(folder, processes=2))]
         if size == 5_000:
             esmails.append(("the same, a [[feed]] declared", lambda folder: feeds_daemon(folder, dns.server.server_address[1], processes=2)))
@@ -539,14 +555,14 @@ def versus_postfix(args, work: Path, dns) -> None:
             folder = _fresh(work / f"e2e-{size}-{len(name)}")
             server = start(folder)
             try:
-                ours = end_to_end(server.port, size, count, args.sessions, esmail_finished(folder, count))
+                ours = end_to_end(server.port, size, count, args.sessions, esmail_finished(folder, count), server.process.pid)
             finally:
                 server.stop()
             failed = len(os.listdir(folder / "spool" / "failed"))
             stored = inbox_objects(folder)
             check = "" if stored == count and not failed else f"  (!! {stored} inbox objects, {failed} failed)"
             print(f"{f'{label} × {count:,} · {name}':50} {ours[0]:8.1f} {ours[0] / peer[0]:4.2f}× {ours[1]:11.1f} "
-                  f"{ours[1] / peer[1]:4.2f}× (≥ 1.0×){check}", flush=True)
+                  f"{ours[1] / peer[1]:4.2f}×   {ours[2]:10.2f} (end to end ≥ 1.0×){check}", flush=True)
 
 
 def postfix_version() -> str:
