@@ -103,17 +103,25 @@ def summary(msg: EmailMessage) -> dict[str, str]:
     raw = {}
     for name, value in msg.raw_items():
         raw.setdefault(name.lower(), value)
-    sender, date = (" ".join(str(raw.get(name, "")).split()) for name in ("from", "date"))
-    plain = _PLAIN_FROM.fullmatch(sender) if sender.isascii() else None
+    plain = plain_sender(str(raw.get("from", "")))
     if plain:
-        sender = (f"{plain['name']} <{plain['address']}>" if plain["name"] else plain["address"] or plain["bare"])[:500]
+        sender = (f"{plain[0]} <{plain[1]}>" if plain[0] else plain[1])[:500]
     else:
         sender = header_text(msg, "From")
+    date = " ".join(str(raw.get("date", "")).split())
     try:
         date = format_datetime(parsedate_to_datetime(date))[:500] if date.isascii() else header_text(msg, "Date")
     except (ValueError, TypeError):
         date = header_text(msg, "Date")
     return {"header_from": sender, "subject": header_text(msg, "Subject"), "date": date}
+
+
+def plain_sender(value: str) -> tuple[str, str] | None:
+    """(display name or "", address) of a From value in one of its usual forms (`a@b`, `<a@b>`, `Name <a@b>`,
+    ASCII, no quotes, comments or encoded words), as the email package would read it; None for any other."""
+    value = " ".join(value.split())
+    plain = _PLAIN_FROM.fullmatch(value) if value.isascii() else None
+    return (plain["name"] or "", plain["address"] or plain["bare"]) if plain else None
 
 
 _ADDRESS = r"[A-Za-z0-9_+-]+(?:\.[A-Za-z0-9_+-]+)*@[A-Za-z0-9-]+(?:\.[A-Za-z0-9-]+)*"

@@ -412,3 +412,34 @@ async def test_imap_believes_only_the_topmost_header_of_its_trusted_provider(con
     copies = sorted(objects(config, "inbox").values(), key=lambda copy: b"forged" in copy)
     assert "spf=pass smtp.mailfrom=reports@sheffield.gov.uk" in copies[0].decode().split("\r\n\r\n")[0]
     assert copies[1].decode().startswith(f"Authentication-Results: {HOST};\r\n\tspf=pass smtp.mailfrom=bounce@attacker.example")
+
+
+def test_the_from_address_is_read_as_the_email_package_reads_it():
+    """DMARC's From address: esmail reads the usual forms itself (the email package's parser is slow) and must agree
+    with the parser on every From: plain, named, quoted, commented, encoded, several, broken."""
+    import random
+
+    from email import policy
+    from email.parser import BytesParser
+    from email.utils import getaddresses
+
+    from esmail.authentication import _single_from
+
+    def slow(headers) -> str:
+        try:
+            values = [str(v) for v in headers.get_all("From", [])]
+        except Exception:
+            return ""
+        addresses = [address for _, address in getaddresses(values) if "@" in address]
+        return addresses[0].lower() if len(values) == 1 and len(addresses) == 1 else ""
+
+    rng = random.Random(3)
+    senders = ["<A@B.c>", "a@b.c", "Jo Smith <Jo@X.org>", '"Smith, Jo" <jo@x>', "jo@x (Jo)", "=?utf-8?q?J=C3=B6?= <j@x>", "a@b, c@d",
+               "Jo <>", "", "undisclosed-recipients:;", "<a@b> junk", "<a..b@c>"]
+    senders += [rng.choice(["", "Jo ", "J o  "]) + rng.choice(["<", ""]) + "".join(rng.choice("aZ09._+-") for _ in range(5)) + "@"
+                + "".join(rng.choice("aZ0.-") for _ in range(5)) + rng.choice([">", "", "> "]) for _ in range(2000)]
+    for sender in senders:
+        for count in (1, 2):
+            raw = f"From: {sender}\r\n".encode() * count + b"Subject: s\r\n\r\nbody\r\n"
+            headers = BytesParser(policy=policy.default).parsebytes(raw, headersonly=True)
+            assert _single_from(headers) == slow(headers), (sender, count)
