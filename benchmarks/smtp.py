@@ -1,7 +1,7 @@
 """SMTP acceptance speed, end to end against Postfix, reply time under load, memory, and a storage outage (DESIGN §10),
 as ratios measured in one run.
 
-    python benchmarks/smtp.py [--seconds 8] [--sessions 16] [--only PART] [--outage 150] [--against DIR]
+    python benchmarks/smtp.py [--seconds 8] [--sessions 16] [--only PART] [--outage 150] [--against DIR] [--history-url URL]
 
 acceptance: messages per second at --sessions concurrent senders, 5 KB and 1 MB, taken by (a) a bare aiosmtpd
    handler that discards, (b) esmail's receiver with its durable spool (fsync'd before 250; no worker, so that
@@ -445,6 +445,8 @@ def main() -> None:
                         help="also measure the 5 KB serve row of the esmail in another checkout (git worktree add DIR REV)")
     parser.add_argument("--only", choices=SECTIONS, action="append", help="only this part (may be repeated); default: all")
     parser.add_argument("--outage", type=float, default=150.0, help="seconds the store is down in the outage part (default 150)")
+    parser.add_argument("--history-url", metavar="URL", help="postgresql://USER@HOST/DB (password in PGPASSWORD): "
+                        "a 5 KB end-to-end row with the history there instead of in SQLite")
     args = parser.parse_args()
     args.against = args.against.resolve() if args.against else None
     work = Path(tempfile.mkdtemp(prefix="esmail-bench-"))
@@ -551,6 +553,9 @@ def versus_postfix(args, work: Path, dns) -> None:
         esmails = [("esmail serve, [smtp] processes = 2", lambda folder: daemon(folder, processes=2))]
         if size == 5_000:
             esmails.append(("the same, a [[feed]] declared", lambda folder: feeds_daemon(folder, dns.server.server_address[1], processes=2)))
+            if args.history_url:
+                esmails.append(("the same, the history in PostgreSQL",
+                                lambda folder: daemon(folder, f'[history]\nurl = "{args.history_url}"\n', processes=2)))
         for name, start in esmails:
             folder = _fresh(work / f"e2e-{size}-{len(name)}")
             server = start(folder)
@@ -710,7 +715,10 @@ def outage_drain(folder: Path, seconds: float, count: int, tree: Path | None) ->
     s3 = boto3.client("s3", endpoint_url=f"http://127.0.0.1:{moto_port}", region_name="eu-west-2",
                       aws_access_key_id="testing", aws_secret_access_key="testing")
     for bucket in ("inbox", "amr-data", "unprocessable"):
-        s3.create_bucket(Bucket=f"es-development-data-{bucket}", CreateBucketConfiguration={"LocationConstraint": "eu-west-2"})
+        try:
+            s3.create_bucket(Bucket=f"es-development-data-{bucket}", CreateBucketConfiguration={"LocationConstraint": "eu-west-2"})
+        except s3.exceptions.BucketAlreadyOwnedByYou:  # moto keeps its buckets in this process: made by the run before
+            pass
     server = daemon(_fresh(folder), tree=tree, storage=f'backend = "s3"\nendpoint_url = "{url}"\nregion = "eu-west-2"\n')
     try:
         proxy.stop()

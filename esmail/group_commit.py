@@ -50,13 +50,18 @@ class Batches(Generic[Item, Result]):
                 results = await asyncio.to_thread(self.handle, [item for item, _ in batch]) or [None] * len(batch)
             except Exception as exc:  # the batch's callers get it
                 results = [exc] * len(batch)
-            for (_, future), result in zip(batch, results):
-                if future.done():
-                    continue
-                if isinstance(result, BaseException):
-                    future.set_exception(result)
-                else:
-                    future.set_result(result)
+            settle([future for _, future in batch], results)
+
+
+def settle(futures: list[asyncio.Future], results: list) -> None:
+    """Each future gets its result, or its exception raised, unless it was given up on meanwhile."""
+    for future, result in zip(futures, results):
+        if future.done():
+            continue
+        if isinstance(result, BaseException):
+            future.set_exception(result)
+        else:
+            future.set_result(result)
 
 
 class GroupCommit:

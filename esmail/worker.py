@@ -25,7 +25,7 @@ from esmail.chain import INBOX, UNPROCESSABLE
 from esmail.config import Config
 from esmail.conversion import Converted, convert_entries, convert_entry, route_all, start_process
 from esmail.errors import ConversionCrashed, NeedsFixing, StorageFailure, TemporaryFailure
-from esmail.group_commit import Batches
+from esmail.group_commit import Batches, settle
 from esmail.history import FileRow, History
 from esmail.logs import counted
 from esmail.outage import Outage
@@ -250,13 +250,7 @@ class Worker:
                                                   self.config.links.patterns)
                 except Exception as exc:  # the pool died (every entry in it shares the blame) or a bug
                     results = [exc] * len(batch)
-                for (_, _, future), result in zip(batch, results):
-                    if future.done():
-                        continue
-                    if isinstance(result, BaseException):
-                        future.set_exception(result)
-                    else:
-                        future.set_result(result)
+                settle([future for _, _, future in batch], results)
         finally:
             self._senders -= 1
 
