@@ -214,7 +214,9 @@ def daemon(work: Path, more: str = "", tree: Path | None = None, processes: int 
         f'[smtp]\nlisten = "127.0.0.1:{port}"\nhostname = "bench"\n{receivers}[storage]\n{storage}'
         f'[spool]\npath = "{work / "spool"}"\nmin_free = 0\n{more}')
     env = {**os.environ, **FAKE_AWS, **({"PYTHONPATH": str(tree)} if tree else {})}
-    return Server([sys.executable, "-m", "esmail", "--config", str(work / "esmail.toml"), "--log-level", "warning", "serve"], port, env=env)
+    # cwd: `python -m` puts the working folder first on sys.path, before PYTHONPATH (it would import this tree's esmail)
+    return Server([sys.executable, "-m", "esmail", "--config", str(work / "esmail.toml"), "--log-level", "warning", "serve"], port,
+                  cwd=work, env=env)
 
 
 POSTFIX_MASTER = """\
