@@ -103,7 +103,7 @@ async def test_the_server_restarted_mid_session_loses_nothing_and_duplicates_not
         time.sleep(2.5)  # the watcher notices, and retries (1 s, 2 s)
         dovecot.start()
         append(dovecot, feed("after.csv"))
-        await eventually(lambda: len(amr_keys(config)) == 2, timeout=30)
+        await eventually(lambda: len(amr_keys(config)) == 2, timeout=60)  # a restarted Dovecot, reached with backoff
         await eventually(lambda: count(dovecot, "Processed") == 2, timeout=10)
         time.sleep(1.5)  # another poll: nothing more
     assert sorted(key.rsplit("/", 1)[1] for key in amr_keys(config)) == ["after.csv", "before.csv"]
@@ -168,7 +168,7 @@ async def test_kill_9_while_messages_flow_duplicates_nothing(config, store, dove
 async def test_a_wrong_password_is_logged_once_and_retried_without_a_crash(config, store, dovecot, caplog):
     config = replace(with_mailbox(config, dovecot, password="wrong"), http=HttpConfig(listen=Address("127.0.0.1", 0)))
     with RunningDaemon(config) as server:
-        deadline = time.monotonic() + 30
+        deadline = time.monotonic() + 60
         while dovecot.log().count("auth failed") < 3 and time.monotonic() < deadline:  # Dovecot delays each refusal 2 s
             time.sleep(0.2)
         try:

@@ -122,7 +122,7 @@ async def test_a_refresh_token_grant_lands_the_mail_and_keeps_a_rotated_refresh_
         dovecot.crash()
         dovecot.start()
         append(dovecot, auth, feed("google-2.csv"))
-        assert await eventually(lambda: len(amr_keys(config)) == 2, timeout=30)
+        assert await eventually(lambda: len(amr_keys(config)) == 2, timeout=60)  # a restarted Dovecot, reached with backoff (1, 2, 4, 8 s …)
     grants = [form for form in auth.requests if form["grant_type"] == "refresh_token"]
     # the server takes only the latest refresh token it gave (the second grant would be invalid_grant otherwise)
     assert len(grants) == 2 and grants[0]["refresh_token"] == REFRESH_TOKEN and grants[1]["refresh_token"].startswith("refresh-")
@@ -136,11 +136,11 @@ async def test_a_token_is_reused_across_logins_until_a_minute_before_it_expires(
         with RunningDaemon(config):
             for n in range(2):
                 append(dovecot, auth, feed(f"reuse-{lifetime}-{n}.csv"))
-                assert await eventually(lambda: count(dovecot, auth, "INBOX") == 0, timeout=20)
+                assert await eventually(lambda: count(dovecot, auth, "INBOX") == 0, timeout=60)  # after a restart: backoff
                 dovecot.crash()  # the watcher reconnects and logs in again
                 dovecot.start()
             append(dovecot, auth, feed(f"reuse-{lifetime}-last.csv"))
-            assert await eventually(lambda: count(dovecot, auth, "INBOX") == 0, timeout=30)
+            assert await eventually(lambda: count(dovecot, auth, "INBOX") == 0, timeout=60)
         assert auth.token_requests() == requests, (lifetime, auth.requests)
 
 
@@ -156,7 +156,7 @@ async def test_a_token_the_server_refuses_is_replaced_once_without_an_outage(con
         dovecot.crash()
         dovecot.start()
         append(dovecot, auth, feed("second.csv"))
-        assert await eventually(lambda: len(amr_keys(config)) == 2, timeout=30)
+        assert await eventually(lambda: len(amr_keys(config)) == 2, timeout=60)  # a restarted Dovecot, reached with backoff (1, 2, 4, 8 s …)
     assert auth.token_requests() == 2
     assert "the server refused the kept OAuth2 token; fetching a new one" in caplog.text
     assert not [r for r in caplog.records if r.name == "esmail.imap" and r.levelno >= logging.WARNING and "refused" in r.getMessage()]
@@ -249,7 +249,7 @@ async def test_no_token_or_secret_reaches_the_log(config, dovecot, auth, caplog)
         dovecot.crash()
         dovecot.start()
         append(dovecot, auth, feed("quiet-2.csv"))
-        assert await eventually(lambda: len(amr_keys(config)) == 2, timeout=30)
+        assert await eventually(lambda: len(amr_keys(config)) == 2, timeout=60)  # a restarted Dovecot, reached with backoff (1, 2, 4, 8 s …)
     with RunningDaemon(mailbox(config, dovecot, auth, secret="not-it", refresh=REFRESH_TOKEN)):
         assert await eventually(lambda: auth.token_requests() >= 4, timeout=20)
     logged = caplog.text
