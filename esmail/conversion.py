@@ -15,12 +15,17 @@ import resource
 import tempfile
 from dataclasses import dataclass, field, replace
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from esmail import mail
-from esmail.chain import UNPROCESSABLE, Output, route
+from esmail.chain import AMR_DATA, UNPROCESSABLE, Output, route
 from esmail.keys import unique_names
 from esmail.orphans import die_with_parent
 from esmail.spool import read_entry
+
+if TYPE_CHECKING:
+    from esmail.formats import Format, Unusable
+    from esmail.importer import Report
 
 MAX_FILES = 1_000  # attached files in one message
 SPILL_OVER = 1 << 20  # bytes of one output past which it leaves the conversion process through a file
@@ -33,14 +38,15 @@ class Converted:
     links: list[str]  # to download: found only when the message has no attachments
     inline_images: int  # skipped: signature logos are not data
     summary: dict[str, str] = field(default_factory=dict)  # mail.summary: read here, where the message is parsed anyway
+    checks: dict[str, dict[str, Report]] = field(default_factory=dict)  # prefix → CSV name → what the importer makes of it
 
     def __reduce__(self):
         """Leaving a conversion process, an output over 1 MB goes through a file in the spool's tmp/:
         through the pool's pipe the daemon would hold it twice (the pipe's buffer, then the bytes)."""
         if _spill_dir is None:
-            return Converted, (self.outputs, self.links, self.inline_images, self.summary)
+            return Converted, (self.outputs, self.links, self.inline_images, self.summary, self.checks)
         outputs = [_spill(out) if len(out.data) > SPILL_OVER else (None, out) for out in self.outputs]
-        return _unspill, (outputs, self.links, self.inline_images, self.summary)
+        return _unspill, (outputs, self.links, self.inline_images, self.summary, self.checks)
 
 
 def _spill(out: Output) -> tuple[str | None, Output]:
@@ -58,7 +64,8 @@ def _spill(out: Output) -> tuple[str | None, Output]:
     return path, replace(out, data=b"")
 
 
-def _unspill(outputs: list[tuple[str | None, Output]], links: list[str], inline_images: int, summary: dict[str, str]) -> Converted:
+def _unspill(outputs: list[tuple[str | None, Output]], links: list[str], inline_images: int, summary: dict[str, str],
+             checks: dict) -> Converted:
     """In the daemon: each spilled output read back (one copy) and its file removed."""
     taken = []
     for path, out in outputs:
@@ -68,11 +75,13 @@ def _unspill(outputs: list[tuple[str | None, Output]], links: list[str], inline_
             finally:
                 os.unlink(path)
         taken.append(out)
-    return Converted(taken, links, inline_images, summary)
+    return Converted(taken, links, inline_images, summary, checks)
 
 
-def convert(raw: bytes, ascii_only: bool = False, link_patterns: tuple[str, ...] = ()) -> Converted:
-    """Every output of one message's attachments, or, with none, the links in its body.
+def convert(raw: bytes, ascii_only: bool = False, link_patterns: tuple[str, ...] = (),
+            formats: dict[str, Format | Unusable] | None = None) -> Converted:
+    """Every output of one message's attachments, or, with none, the links in its body; each CSV checked
+    with the format of each prefix in `formats` (DESIGN §16).
 
     A message past the MIME limits (parts nested too deep to parse, more than
     MAX_FILES files) is one unprocessable file, `message.eml`, the raw bytes.
@@ -84,22 +93,51 @@ def convert(raw: bytes, ascii_only: bool = False, link_patterns: tuple[str, ...]
     if len(files) > MAX_FILES:
         return _whole_message(raw, f"{len(files):,} attached files, over the limit of {MAX_FILES:,}")
     del raw  # not held while the files are converted (convert_entry's caller keeps no copy)
-    return Converted(route_all(files, ascii_only), found_links, inline_images, summary)
+    return replace(convert_files(files, ascii_only, formats, found_links, inline_images), summary=summary)
 
 
-def convert_entry(path: Path, ascii_only: bool = False, link_patterns: tuple[str, ...] = ()) -> Converted:
+def convert_entry(path: Path, ascii_only: bool = False, link_patterns: tuple[str, ...] = (),
+                  formats: dict[str, Format | Unusable] | None = None) -> Converted:
     """`convert` of a spool entry, read here: the conversion process reads the message from
     disk rather than have the daemon send it over a pipe (and hold it meanwhile)."""
-    return convert(read_entry(path)[1], ascii_only, link_patterns)
+    return convert(read_entry(path)[1], ascii_only, link_patterns, formats)
 
 
-def convert_entries(paths: list[Path], ascii_only: bool = False, link_patterns: tuple[str, ...] = ()) -> list:
+def convert_files(files: list[tuple[str, bytes]], ascii_only: bool = False, formats: dict[str, Format | Unusable] | None = None,
+                  links: list[str] | None = None, inline_images: int = 0) -> Converted:
+    """The outputs of named files (attachments, or downloaded links), each CSV checked with each prefix's format."""
+    outputs = route_all(files, ascii_only)
+    return Converted(outputs, links or [], inline_images, checks=check_all(outputs, formats or {}))
+
+
+def check_all(outputs: list[Output], formats: dict[str, Format | Unusable]) -> dict[str, dict[str, Report]]:
+    """prefix → CSV name → report; a format shared by several prefixes reads each CSV once."""
+    if not formats:
+        return {}
+    from esmail.importer import check  # only where some prefix has a format
+
+    by_format: dict[Format | Unusable, list[str]] = {}
+    for prefix, fmt in formats.items():
+        by_format.setdefault(fmt, []).append(prefix)
+    checks: dict[str, dict[str, Report]] = {prefix: {} for prefix in formats}
+    for out in outputs:
+        if out.bucket != AMR_DATA:
+            continue
+        for fmt, prefixes in by_format.items():
+            report = check(out.name, out.data, fmt)
+            for prefix in prefixes:
+                checks[prefix][out.name] = report
+    return checks
+
+
+def convert_entries(paths: list[Path], ascii_only: bool = False, link_patterns: tuple[str, ...] = (),
+                    formats: list[dict[str, Format | Unusable]] | None = None) -> list:
     """`convert_entry` of several entries in one trip to the pool (small messages: the trip costs more than their
-    conversion); each result is a Converted, or the exception its conversion raised."""
+    conversion), each with its prefixes' formats; each result is a Converted, or the exception its conversion raised."""
     results = []
-    for path in paths:
+    for path, each in zip(paths, formats or [None] * len(paths)):
         try:
-            results.append(convert_entry(path, ascii_only, link_patterns))
+            results.append(convert_entry(path, ascii_only, link_patterns, each))
         except Exception as exc:
             try:
                 pickle.dumps(exc)
