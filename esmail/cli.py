@@ -137,9 +137,22 @@ def _parser() -> argparse.ArgumentParser:
     convert.add_argument("--out", metavar="DIR", default=".", help="output folder (default: the current folder)")
     convert.set_defaults(run=_convert)
 
+    check_files = commands.add_parser(
+        "check", parents=[common], help="say what the importer will make of files, converted as the daemon would",
+        description="Convert each file as the daemon would (csv, xls, xlsx, ods, zip, a raw .eml) and check each CSV the way the "
+                    "overnight importer reads it, with the format of --feed (its [feed.format], or its entry in [formats] path): "
+                    "rows, what imports, meters, dates, the importer's warnings, and the header against header_example. "
+                    "Exit 0 when every file would import, 1 when any is rejected, unusable or its header changed, "
+                    "2 on a usage or config error.")
+    check_files.add_argument("files", nargs="+", metavar="FILE")
+    check_files.add_argument("--feed", required=True, metavar="PREFIX", help="the prefix whose format to read them with, e.g. edf")
+    check_files.add_argument("--json", action="store_true", help='print {"files": [report, …]}, one report per CSV (DESIGN §16)')
+    check_files.set_defaults(run=_check)
+
     check = commands.add_parser("check-config", parents=[common], help="print the effective configuration and check every bucket and mailbox",
                                 description="Print the effective configuration (secrets masked), check that each bucket is reachable and "
-                                            "writable, and log in to each [[imap]] mailbox and count its messages.")
+                                            "writable, and log in to each [[imap]] mailbox and count its messages; formats of "
+                                            "[formats] path that cannot be checked are warning lines (exit 0).")
     check.set_defaults(run=_run(_check_config), writes=True)
 
     env_file = commands.add_parser("env-file", help="read an environment file as systemd does; run a command with it",
@@ -348,6 +361,54 @@ def _convert(config: Config, args) -> int:
     return status
 
 
+def _check(config: Config, args) -> int:
+    """`esmail check`: each file converted as the daemon would, and the report of each CSV (DESIGN §16)."""
+    import json
+    from dataclasses import asdict
+
+    from esmail.chain import AMR_DATA
+    from esmail.conversion import convert, convert_files
+    from esmail.keys import prefix_of
+
+    prefix = prefix_of(args.feed)
+    fmt = config.feed_formats.get(prefix or "")
+    if fmt is None:
+        print(f"esmail check: --feed {args.feed!r} has no format: give its [[feed]] a [feed.format] (the importer's configuration), "
+              "or set [formats] path to the importer's export", file=sys.stderr)
+        return 2
+    reports, status = [], 0
+    for name in args.files:
+        try:
+            data = Path(name).read_bytes()
+        except OSError as exc:
+            print(f"esmail check: {name}: {exc.strerror or exc}", file=sys.stderr)
+            return 2
+        if name.lower().endswith(".eml"):
+            converted = convert(data, config.csv.ascii_only, config.links.patterns, {prefix: fmt})
+            if converted.links:
+                print(f"esmail check: {name}: the message has no attachments but {len(converted.links)} links; "
+                      "esmail check does not download them", file=sys.stderr)
+        else:
+            converted = convert_files([(Path(name).name, data)], config.csv.ascii_only, {prefix: fmt})
+        for out in converted.outputs:
+            if out.bucket != AMR_DATA:
+                print(f"esmail check: {name}: {out.name} would go to unprocessable: {out.reason}", file=sys.stderr)
+                status = 1
+                continue
+            found = converted.checks[prefix][out.name]
+            reports.append(found)
+            status = status or int(not found.would_import)
+    if args.json:
+        print(json.dumps({"files": [asdict(found) for found in reports]}, indent=2, ensure_ascii=False))
+    for found in [] if args.json else reports:
+        print(f"{found.name}: {found.verdict}\n  {found.summary()}")
+        if found.notes:
+            print("  notes: " + ", ".join(f"{note} {n}" for note, n in found.notes.items()))
+        for example in found.examples:
+            print(f"  line {example.line} ({', '.join(example.warnings)}): {example.text[:100]}{'…' if len(example.text) > 100 else ''}")
+    return status
+
+
 async def _check_config(config: Config, args) -> int:
     import asyncio
 
@@ -356,6 +417,8 @@ async def _check_config(config: Config, args) -> int:
     from esmail.store import open_store
 
     print(config.describe())
+    for warning in config.warnings:
+        print(f"warning {warning}")
     status = 0
     for check in (_check_spool, _check_tls):
         line = check(config)

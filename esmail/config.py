@@ -16,7 +16,9 @@ from dataclasses import dataclass, field, fields, replace
 from pathlib import Path
 from typing import Any, Mapping, NamedTuple
 
+from esmail import formats as formats_module
 from esmail.errors import ConfigError
+from esmail.formats import Format, Unusable
 from esmail.keys import prefix_of
 
 CONFIG_ENV = "ESMAIL_CONFIG"
@@ -149,6 +151,8 @@ class FeedConfig:
     senders: tuple[str, ...] = ()  # header From address globs, lower-case; empty: anyone
     authenticated: bool = False  # the From domain must pass DMARC's alignment test
     expected_every: float | None = None  # seconds; late after 1.5 × this without a message
+    on_header_change: str = "store"  # "hold": a CSV whose header changed (DESIGN §16) quarantines the message
+    format: Format | None = None  # [feed.format]: the importer's configuration of this prefix (DESIGN §16)
 
 
 @dataclass(frozen=True)
@@ -178,6 +182,11 @@ class HistoryConfig:
 @dataclass(frozen=True)
 class CsvConfig:
     ascii_only: bool = False
+
+
+@dataclass(frozen=True)
+class FormatsConfig:
+    path: Path | None = None  # the importer's AmrDataFeedConfig.all.to_json (DESIGN §16)
 
 
 IMSERV_LINK = r"https://datavision\.imserv\.com/imgserver/InternalImage\.aspx\?[a-zA-Z0-9&%=]+"
@@ -216,6 +225,7 @@ class Config:
     spool: SpoolConfig = SpoolConfig()
     worker: WorkerConfig = WorkerConfig()
     csv: CsvConfig = CsvConfig()
+    formats: FormatsConfig = FormatsConfig()
     links: LinksConfig = LinksConfig()
     http: HttpConfig = HttpConfig()
     history: HistoryConfig = HistoryConfig()
@@ -223,6 +233,7 @@ class Config:
     dns: DnsConfig = DnsConfig()
     imap: tuple[ImapConfig, ...] = ()
     feeds: tuple[FeedConfig, ...] = ()
+    feed_formats: Mapping[str, Format | Unusable] = field(default_factory=dict, repr=False)  # prefix → format: the export's, inline winning
     secrets: Mapping[str, str] = field(default_factory=dict, repr=False)
     source: Path | None = None
     warnings: tuple[str, ...] = ()  # things worth saying at start that do not stop esmail
@@ -238,7 +249,13 @@ class Config:
         for table, values in [("imap", self.imap), ("feed", self.feeds)]:
             for value in values:
                 lines.append(f"[[{table}]]")
-                lines += [f"{f.name} = {_show(getattr(value, f.name))}" for f in fields(value)]
+                lines += [f"{f.name} = {_show(getattr(value, f.name))}" for f in fields(value) if f.name != "format"]
+                if getattr(value, "format", None) is not None:
+                    lines.append("[feed.format]")
+                    lines += [f"{f.name} = {_show(getattr(value.format, f.name))}" for f in fields(value.format)]
+        if self.formats.path is not None:
+            unusable = sum(isinstance(fmt, Unusable) for fmt in self.feed_formats.values())
+            lines.append(f"# [formats] path: {len(self.feed_formats)} prefixes have a format, {unusable} of them unusable")
         lines.append("# secrets (environment or .env.{stage})")
         for name in secret_names(self):
             lines.append(f"# {name}: {'set (****)' if self.secrets.get(name) else 'not set'}")
@@ -249,12 +266,18 @@ class Config:
         """The `[[feed]]` declared for a prefix, or None."""
         return next((feed for feed in self.feeds if feed.prefix == prefix), None)
 
+    def formats_for(self, prefixes) -> dict[str, Format | Unusable]:
+        """prefix → its format (DESIGN §16), for those of `prefixes` that have one."""
+        return {prefix: self.feed_formats[prefix] for prefix in prefixes if prefix in self.feed_formats}
+
 
 def _show(value: Any) -> str:
     if value is None:
         return "(not set)"
     if isinstance(value, Address):
         return f'"{value}"'
+    if isinstance(value, tuple) and value and all(isinstance(v, tuple) for v in value):  # column_row_filters: a table
+        return "{ " + ", ".join(f"{_show(k)} = {_show(v)}" for k, v in value) + " }"
     if isinstance(value, tuple):
         return "[" + ", ".join(map(_show, value)) + "]"
     if isinstance(value, bool):
@@ -466,6 +489,7 @@ _SCHEMA: dict[str, dict[str, tuple[Any, str]]] = {
         "url": (database_url, 'a PostgreSQL URL without a password, e.g. "postgresql://esmail@db.example.org:5432/esmail?sslmode=verify-full"'),
         "password_env": (_str, 'the name of the environment variable that holds the database password, e.g. "ESMAIL_HISTORY_PASSWORD"'),
     },
+    "formats": {"path": (lambda v: Path(_str(v)), "the path of the importer's configs as JSON (AmrDataFeedConfig.all.to_json)")},
     "rollbar": {"endpoint": (_str, 'the API URL, "https://api.rollbar.com/api/1/" unless you run your own')},
 }
 _IMAP_SCHEMA: dict[str, tuple[Any, str]] = {
@@ -495,11 +519,13 @@ _FEED_SCHEMA: dict[str, tuple[Any, str]] = {
     "senders": (_senders, 'a list of header From address globs such as ["*@sheffield.gov.uk", "exports@npower.example"]'),
     "authenticated": (_bool, "true or false"),
     "expected_every": (parse_duration, 'a duration such as "1d", "12h", "30m" or a number of seconds'),
+    "on_header_change": (_one_of("store", "hold"), '"store" (the default: store the CSV and flag it) or "hold" '
+                         "(quarantine the message until released)"),
 }
 _SECTIONS = {
     "smtp": SmtpConfig, "storage": StorageConfig, "buckets": Buckets, "spool": SpoolConfig,
     "worker": WorkerConfig, "csv": CsvConfig, "links": LinksConfig, "dns": DnsConfig, "http": HttpConfig,
-    "history": HistoryConfig, "rollbar": RollbarConfig,
+    "history": HistoryConfig, "rollbar": RollbarConfig, "formats": FormatsConfig,
 }
 
 
@@ -542,8 +568,10 @@ def _build(data: dict[str, Any], where: str) -> Config:
         sections[section] = _SECTIONS[section](**_converted(table, schema, f"[{section}]", where))
     buckets = sections["buckets"]
     sections["buckets"] = Buckets(**{f.name: getattr(buckets, f.name).replace("{stage}", stage) for f in fields(Buckets)})
-    return Config(stage=stage, imap=_mailboxes(data.get("imap", []), where), feeds=_feeds(data.get("feed", []), where),
-                  warnings=_ignored(data, sections["storage"].backend, where), **sections)
+    feeds = _feeds(data.get("feed", []), where)
+    feed_formats, format_warnings = _feed_formats(feeds, sections["formats"], where)
+    return Config(stage=stage, imap=_mailboxes(data.get("imap", []), where), feeds=feeds, feed_formats=feed_formats,
+                  warnings=_ignored(data, sections["storage"].backend, where) + format_warnings, **sections)
 
 
 def _ignored(data: dict[str, Any], backend: str, where: str) -> tuple[str, ...]:
@@ -590,7 +618,7 @@ def _feeds(tables: Any, where: str) -> tuple[FeedConfig, ...]:
     feeds: dict[str, FeedConfig] = {}
     for n, table in enumerate(_tables(tables, "feed", "feed", where), 1):
         name = f"[[feed]] #{n}"
-        values = _converted(table, _FEED_SCHEMA, name, where)
+        values = _converted({k: v for k, v in table.items() if k != "format"}, _FEED_SCHEMA, name, where)
         prefix = values.get("prefix")
         if prefix is None:
             raise ConfigError(f"{where}: {name} needs prefix: {_FEED_SCHEMA['prefix'][1]}")
@@ -599,8 +627,46 @@ def _feeds(tables: Any, where: str) -> tuple[FeedConfig, ...]:
         if prefix in feeds:
             raise ConfigError(f"{where}: {name} prefix = {prefix!r} is declared twice; merge the two [[feed]] tables into one")
         values.setdefault("authenticated", bool(values.get("senders")))
+        if "format" in table:
+            values["format"] = _inline_format(table["format"], f"{name} (prefix {prefix!r}) [feed.format]", where)
         feeds[prefix] = FeedConfig(**values)
     return tuple(feeds.values())
+
+
+def _inline_format(table: Any, name: str, where: str) -> Format:
+    """A `[feed.format]` table: the importer's attributes, every one checked (DESIGN §16)."""
+    if not isinstance(table, dict):
+        raise ConfigError(f"{where}: {name} must be a table of the importer's attributes ([feed.format] under the [[feed]])")
+    try:
+        return formats_module.parse(table)
+    except formats_module.FormatError as exc:
+        raise ConfigError(f"{where}: {name} {exc}") from None
+
+
+def _feed_formats(feeds: tuple[FeedConfig, ...], config: FormatsConfig, where: str) -> tuple[dict[str, Format | Unusable], tuple[str, ...]]:
+    """prefix → format: the importer's export (`[formats] path`), then each feed's inline format, which wins.
+
+    An export that cannot be read is a config error; an entry of it that
+    cannot be checked is a warning, and its prefix's files say `format unusable`.
+    """
+    found: dict[str, Format | Unusable] = {}
+    warnings: list[str] = []
+    if config.path is not None:
+        try:
+            found, faults = formats_module.load_export(config.path)
+        except ValueError as exc:
+            raise ConfigError(f"{where}: [formats] path = '{config.path}' {exc}; export the importer's configs again "
+                              "(AmrDataFeedConfig.all.to_json) or remove the key") from None
+        warnings += [f"{where}: [formats] path = '{config.path}': {fault}" for fault in faults]
+    found.update({feed.prefix: feed.format for feed in feeds if feed.format is not None})
+    for feed in feeds:
+        if feed.on_header_change == "hold" and feed.prefix not in found:
+            raise ConfigError(f'{where}: [[feed]] prefix {feed.prefix!r} has on_header_change = "hold" but no format to compare '
+                              "headers with: add its [feed.format] (the importer's configuration), or its entry in [formats] path")
+        if feed.on_header_change == "hold" and isinstance(found[feed.prefix], Unusable):
+            warnings.append(f'{where}: [[feed]] prefix {feed.prefix!r} has on_header_change = "hold", but its exported format '
+                            "is unusable: nothing is held until it is fixed")
+    return found, tuple(warnings)
 
 
 def _mailboxes(tables: Any, where: str) -> tuple[ImapConfig, ...]:

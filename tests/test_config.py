@@ -84,6 +84,7 @@ def test_the_example_feed_table_loads_once_uncommented(tmp_path):
     [feed] = config_module.load(toml, environ={}).feeds
     assert (feed.prefix, feed.senders, feed.authenticated, feed.expected_every) == (
         "sheffield", ("*@sheffield.gov.uk", "exports@npower.example"), True, 86400.0)
+    assert feed.on_header_change == "store" and feed.format.date_format == "%d/%m/%Y" and len(feed.format.reading_fields) == 48
 
 
 @pytest.mark.parametrize("text, message", [
@@ -121,3 +122,50 @@ def test_errors_name_the_key(tmp_path, text, message):
     with pytest.raises(ConfigError, match=None) as info:
         config_module.load(path, environ={})
     assert message in str(info.value) and str(path) in str(info.value)
+
+
+FORMAT = ('[[feed]]\nprefix = "edf"\n{feed}[feed.format]\nnumber_of_header_rows = 1\nheader_example = "MPAN,Date,kWh"\n'
+          'date_format = "{date_format}"\nmpan_mprn_field = "MPAN"\nreading_date_field = "Date"\nreading_fields = ["kWh"]\n'
+          'row_per_reading = true\n')
+
+
+def _check_config(tmp_path, text: str):
+    import subprocess
+    import sys
+
+    path = tmp_path / "c.toml"
+    path.write_text(f'[storage]\npath = "{tmp_path / "data"}"\n[spool]\npath = "{tmp_path / "spool"}"\nmin_free = 0\n' + text)
+    return path, subprocess.run([sys.executable, "-m", "esmail", "--config", str(path), "check-config"], capture_output=True,
+                                text=True, timeout=120)
+
+
+@pytest.mark.parametrize("text, message", [
+    (FORMAT.format(feed="", date_format="%d/%m/%Q"), "[[feed]] #1 (prefix 'edf') [feed.format] date_format: '%d/%m/%Q' has %Q, which the "
+                                                     "importer's Ruby strptime does not read here; use %d %e %m"),
+    (FORMAT.format(feed="", date_format="%d/%m/%Y").replace('["kWh"]', '["KWH"]'),
+     "[[feed]] #1 (prefix 'edf') [feed.format] reading_fields[0]: 'KWH' is not a column of header_example (MPAN, Date, kWh); "
+     "name one of its columns, or fix header_example to match the files"),
+    (FORMAT.format(feed='on_header_change = "wait"\n', date_format="%d/%m/%Y"), '[[feed]] #1 on_header_change must be "store"'),
+    ('[[feed]]\nprefix = "edf"\non_header_change = "hold"\n', "[[feed]] prefix 'edf' has on_header_change = \"hold\" but no format"),
+    ('[formats]\npath = "/nonexistent/feed-formats.json"\n', "[formats] path = '/nonexistent/feed-formats.json' cannot read it"),
+])
+def test_a_format_config_error_names_the_feed_the_key_and_the_fix(tmp_path, text, message):
+    """check-config exits 2 on a format that cannot be checked, saying which feed, which key and what to do."""
+    path, result = _check_config(tmp_path, text)
+    assert result.returncode == 2 and message in result.stderr and str(path) in result.stderr, result.stderr
+
+
+def test_check_config_shows_the_format_and_warns_of_unusable_export_entries(tmp_path):
+    """An inline format is printed as its [feed.format] table; an export entry that cannot be checked is a warning
+    line naming the prefix and the fault, and check-config still exits 0."""
+    export = tmp_path / "feed-formats.json"
+    export.write_text('[{"identifier": "legacy", "date_format": "%d/%m/%Y", "header_example": "MPAN,Date,HH1",'
+                      ' "mpan_mprn_field": "MPAN", "reading_date_field": "Date", "reading_fields": ["HH8"], "row_per_reading": true,'
+                      ' "id": 3, "description": "Legacy", "created_at": "2019-01-01T00:00:00.000Z"}]')
+    _, result = _check_config(tmp_path, FORMAT.format(feed='on_header_change = "hold"\n', date_format="%e %b %Y %H:%M:%S")
+                              + f'[formats]\npath = "{export}"\n')
+    assert result.returncode == 0, result.stdout + result.stderr
+    assert 'on_header_change = "hold"\n[feed.format]\nheader_example = "MPAN,Date,kWh"\ndate_format = "%e %b %Y %H:%M:%S"' in result.stdout
+    assert (f"warning {tmp_path / 'c.toml'}: [formats] path = '{export}': identifier 'legacy': reading_fields[0]: 'HH8' is not a column "
+            "of header_example (MPAN, Date, HH1)") in result.stdout
+    assert "# [formats] path: 2 prefixes have a format, 1 of them unusable" in result.stdout
