@@ -98,14 +98,15 @@ def authenticate_entry(path: Path, request: Request) -> Authentication:
     return authenticate(read_entry(path)[1], request)
 
 
-def authenticate_and_convert(path: Path, request: Request, ascii_only: bool, link_patterns: tuple[str, ...]):
-    """`authenticate_entry`, then `conversion.convert_entry` in the same trip to the conversion pool (wasted only on a
-    message every feed refuses); a conversion that raises gives None, for the worker's own call to meet the error."""
+def authenticate_and_convert(path: Path, request: Request, ascii_only: bool, link_patterns: tuple[str, ...], formats: dict | None = None):
+    """`authenticate_entry`, then `conversion.convert_entry` (each CSV checked with its prefixes' `formats`) in the same
+    trip to the conversion pool (wasted only on a message every feed refuses); a conversion that raises gives None,
+    for the worker's own call to meet the error."""
     from esmail.conversion import convert_entry
 
     auth = authenticate_entry(path, request)
     try:
-        return auth, convert_entry(path, ascii_only, link_patterns)
+        return auth, convert_entry(path, ascii_only, link_patterns, formats)
     except Exception:
         return auth, None
 

@@ -270,6 +270,7 @@ async def _ingest(config: Config, args) -> int:
     history = open_history(config)
     worker = Worker(config, spool, store, processes=True, history=history)
     try:
+        await worker.remember_checks()
         for name, entry_id in queued:
             try:
                 stored = await worker.process_with_retries(entry_id, attempts=3)

@@ -69,6 +69,7 @@ class Daemon:
         stale = self.spool.remove_stale()
         if stale:
             log.warning("removed %d unacknowledged partial messages a crash left in %s", stale, self.spool.tmp)
+        remembering = asyncio.create_task(self.worker.remember_checks())  # DESIGN §16's memory, read beside the work
         scheduler = asyncio.create_task(self.scheduler.run())
         await self.history.declare([feed.prefix for feed in self.config.feeds])
         housekeeping = asyncio.create_task(self._housekeeping())
@@ -105,6 +106,7 @@ class Daemon:
             if heartbeat is not None:
                 heartbeat.cancel()
             housekeeping.cancel()
+            remembering.cancel()
             watching.cancel()
             requests.cancel()
             scheduler.cancel()

@@ -22,11 +22,12 @@ if TYPE_CHECKING:
 LATE_AFTER = 1.5  # × expected_every
 SENDER = "sender"  # the kinds of refusal, as /metrics counts them
 UNAUTHENTICATED = "unauthenticated"
+HEADER_CHANGED = "header_changed"  # on_header_change = "hold" (DESIGN §16)
 
 
 @dataclass(frozen=True)
 class Refusal:
-    kind: str  # SENDER or UNAUTHENTICATED
+    kind: str  # SENDER, UNAUTHENTICATED or HEADER_CHANGED
     reason: str  # for people: the spool list, the log, the page
 
     def __str__(self) -> str:

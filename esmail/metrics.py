@@ -22,6 +22,8 @@ STORED_BYTES = Counter("esmail_stored_bytes", "Bytes written to storage, by logi
 CONVERSION = Histogram("esmail_conversion_seconds", "Time to parse and convert one message in the process pool",
                        buckets=(0.01, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120), registry=REGISTRY)
 RETRIES = Counter("esmail_retries", "Worker attempts that failed temporarily and will be retried", registry=REGISTRY)
+FILE_CHECKS = Counter("esmail_file_checks", "CSVs checked as the importer will read them (DESIGN §16), by prefix and verdict "
+                      "(ok, warnings, rejected, header changed, format unusable, new shape)", ["prefix", "verdict"], registry=REGISTRY)
 LINK_DOWNLOADS = Counter("esmail_link_downloads", "Link downloads, by outcome (ok, failed)", ["outcome"], registry=REGISTRY)
 SPOOL_DEPTH = Gauge("esmail_spool_depth", "Messages waiting in the spool", registry=REGISTRY)
 SPOOL_OLDEST = Gauge("esmail_spool_oldest_seconds", "Age of the oldest message waiting in the spool (0: none)", registry=REGISTRY)

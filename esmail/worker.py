@@ -21,14 +21,16 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 from esmail import history, links, mail, metrics, report
-from esmail.chain import INBOX, UNPROCESSABLE
+from esmail.chain import AMR_DATA, INBOX, UNPROCESSABLE, Output
 from esmail.config import Config
-from esmail.conversion import Converted, convert_entries, convert_entry, route_all, start_process
+from esmail.conversion import Converted, convert_entries, convert_entry, convert_files, start_process
 from esmail.errors import ConversionCrashed, NeedsFixing, StorageFailure, TemporaryFailure
 from esmail.group_commit import Batches, settle
 from esmail.history import FileRow, History
+from esmail.importer import HEADER_CHANGED, OK, REJECTED, Report
 from esmail.logs import counted
 from esmail.outage import Outage
+from esmail.shapes import Shapes, seed
 from esmail.spool import Entry, EntryState, Envelope, Spool
 from esmail.store import Store
 
@@ -73,8 +75,16 @@ class Worker:
         self._told = False  # a NeedsFixing went to Rollbar since the last write that worked: once is enough
         self._converting = asyncio.Semaphore(process_pool_size(config))  # calls in the pool at once: one per process
         self._finished: Batches[str, None] = Batches(lambda entry_ids: self.spool.done(*entry_ids))
-        self._to_convert: deque[tuple[Path, int, asyncio.Future]] = deque()  # small entries waiting for the pool, with their sizes
+        self._to_convert: deque[tuple[Path, int, dict, asyncio.Future]] = deque()  # small entries waiting for the pool: sizes, formats
         self._senders = 0  # tasks sending them there, at most one a process
+        # What the importer will make of each CSV (DESIGN §16), remembered here so that no message waits on a database:
+        self.shapes = Shapes(config.history.keep_days * 86400)  # prefixes without a format: their recent header rows
+        self.alerted: set[str] = set()  # feeds reported to Rollbar as header changed or rejected, until a CSV of theirs is ok
+
+    async def remember_checks(self) -> None:
+        """Learned shapes and alerted feeds from the history's recent reports (at start, beside the work: nothing waits on it)."""
+        if self.history is not None:
+            await asyncio.to_thread(seed, self.history, self.shapes, self.alerted)
 
     @property
     def store_error(self) -> str | None:
@@ -114,9 +124,15 @@ class Worker:
                 return await self._give_up(entry, f"cannot process the message: {type(exc).__name__}: {exc}", started)
         raw = self.spool.message(entry)  # for the inbox copy, read only now: the conversion read its own
         copy = inbox_copy(raw, state, auth)
-        outputs = converted.outputs
+        outputs, checks = converted.outputs, converted.checks
         if converted.links and passing:
-            outputs = await self._in_pool(alone, route_all, await self._download(envelope, converted.links), self.config.csv.ascii_only)
+            downloaded = await self._in_pool(alone, convert_files, await self._download(envelope, converted.links),
+                                             self.config.csv.ascii_only, self.config.formats_for(envelope.folders))
+            outputs, checks = downloaded.outputs, downloaded.checks
+        reports = self._reports(passing, outputs, checks)
+        held = self._hold(envelope, reports) if auth is not None else {}
+        refused.update(held)
+        passing = [prefix for prefix in passing if prefix not in held]
         files: list[FileRow] = []
         if not envelope.folders:
             log.warning("%s: no usable recipient; the message goes whole to unprocessable", entry_id)
@@ -128,7 +144,9 @@ class Worker:
                 continue
             for out in outputs:
                 stored = await self._put(entry_id, out.bucket, f"{prefix}/{folder}/{out.name}", out.data, out.content_type, out.rule)
-                files.append(FileRow(prefix, out.bucket, out.name, out.kind, out.rule, stored.bucket, stored.key, stored.size, out.reason or ""))
+                checked = reports[prefix].get(out.name) if out.bucket == AMR_DATA else None
+                files.append(FileRow(prefix, out.bucket, out.name, out.kind, out.rule, stored.bucket, stored.key, stored.size, out.reason or "",
+                                     checked.to_json() if checked is not None else None))
                 if out.reason:
                     log.warning("%s: %s/%s/%s is unprocessable: %s", entry_id, prefix, folder, out.name, out.reason)
                     report.problem("a file went to unprocessable", "warning", prefix=prefix, key=stored.key,
@@ -140,6 +158,7 @@ class Worker:
                 log.warning("%s: quarantined for %s: %s (`esmail spool release %s` lets it through)", entry_id, prefix, refusal, entry_id,
                             extra={"spool_id": entry_id, "prefixes": [prefix], "outcome": "quarantined", "reason": str(refusal)})
         await self._finished.submit(entry_id)
+        self._account(envelope, reports, held)
         outcome = "stored" if passing or not envelope.folders else "quarantined"
         metrics.MESSAGES.labels(outcome).inc()
         self._log_message(envelope, len(raw), outcome, started, objects=len(files), inline_images=converted.inline_images,
@@ -160,6 +179,55 @@ class Worker:
                 stored = await self._put(envelope.id, bucket, f"{folder}/{envelope.id}.eml", raw, "message/rfc822")
                 rows.append(FileRow(prefix, bucket, f"{envelope.id}.eml", "message", "", stored.bucket, stored.key, stored.size))
         return rows
+
+    # --- what the importer will make of each CSV (DESIGN §16) ---------------------------------------------------------
+
+    def _reports(self, prefixes: list[str], outputs: list[Output], checks: dict[str, dict[str, Report]]) -> dict[str, dict[str, Report]]:
+        """prefix → CSV name → report: the conversion's checks for a prefix with a format, the learned check for the others."""
+        reports = {}
+        for prefix in prefixes:
+            if prefix in checks:
+                reports[prefix] = checks[prefix]
+            else:
+                reports[prefix] = {out.name: self.shapes.check(prefix, out.name, out.data) for out in outputs if out.bucket == AMR_DATA}
+        return reports
+
+    def _hold(self, envelope: Envelope, reports: dict[str, dict[str, Report]]) -> dict[str, Refusal]:
+        """The prefixes whose feed holds a message with a `header changed` CSV (on_header_change = "hold"); a message
+        a human released is stored as it is."""
+        from esmail.feeds import HEADER_CHANGED as KIND, Refusal
+
+        held = {}
+        for prefix, found in reports.items():
+            feed = self.config.feed(prefix)
+            changed = [each for each in found.values() if each.verdict == HEADER_CHANGED]
+            if feed is None or feed.on_header_change != "hold" or not changed or prefix in envelope.held:
+                continue
+            more = f" (and {len(changed) - 1} more CSVs)" if len(changed) > 1 else ""
+            held[prefix] = Refusal(KIND, f"header changed: {changed[0].name}: {changed[0].header_changes()}{more}")
+        return held
+
+    def _account(self, envelope: Envelope, reports: dict[str, dict[str, Report]], held: dict[str, Refusal]) -> None:
+        """Once the message is finished: each report counted, logged unless ok, reported to Rollbar when its feed turns
+        to header changed or rejected (once, until a CSV of the feed is ok again); learned shapes remembered."""
+        for prefix, found in reports.items():
+            folder = f"{prefix}/{envelope.folders[prefix]}"
+            for name, checked in found.items():
+                metrics.FILE_CHECKS.labels(prefix, checked.verdict).inc()
+                if prefix not in self.config.feed_formats:  # a learned check: its header is the shape
+                    self.shapes.remember(prefix, checked.header.found)
+                if checked.verdict == OK:
+                    self.alerted.discard(prefix)
+                    continue
+                fate = " (held in quarantine)" if prefix in held else ""
+                log.log(logging.INFO if checked.would_import else logging.WARNING, "%s: %s/%s: %s%s: %s", envelope.id, folder, name,
+                        checked.verdict, fate, checked.summary(),
+                        extra={"spool_id": envelope.id, "prefixes": [prefix], "key": f"{folder}/{name}", "verdict": checked.verdict})
+                if checked.verdict in (HEADER_CHANGED, REJECTED) and prefix not in self.alerted:
+                    self.alerted.add(prefix)
+                    report.problem(f"a feed's CSV {'changed its header' if checked.verdict == HEADER_CHANGED else 'would be rejected'}: "
+                                   "the importer would not read it as configured", prefix=prefix, key=f"{folder}/{name}",
+                                   verdict=checked.verdict, reason=checked.summary(), spool_id=envelope.id)
 
     async def _record(self, envelope: Envelope, raw: bytes, outcome: str, started: float, attempts: int, files: list[FileRow],
                       prefixes: dict[str, str], auth: Authentication | None = None, reason: str = "", summary: dict[str, str] | None = None) -> None:
@@ -194,7 +262,7 @@ class Worker:
                           helo=envelope.helo if smtp else "", mail_from=envelope.sender if smtp else "",
                           trusted_authserv_id=envelope.trusted_authserv_id)
         return await self._in_pool(alone, authenticate_and_convert, entry.path, request, self.config.csv.ascii_only,
-                                   self.config.links.patterns)
+                                   self.config.links.patterns, self.config.formats_for(envelope.folders))
 
     def _judge(self, envelope: Envelope, auth: Authentication | None) -> dict[str, Refusal]:
         """The prefixes whose feed refuses the message (TemporaryFailure when DNS trouble leaves that open)."""
@@ -229,10 +297,11 @@ class Worker:
     async def _convert(self, entry: Entry, alone: bool) -> Converted:
         """`convert_entry` in the pool; small entries that wait for it meanwhile are sent together (BATCH)."""
         size = entry.path.stat().st_size
+        formats = self.config.formats_for(entry.envelope.folders)  # each CSV checked with them there (DESIGN §16)
         if alone or self.executor is None or size >= BATCH_BYTES:
-            return await self._in_pool(alone, convert_entry, entry.path, self.config.csv.ascii_only, self.config.links.patterns)
+            return await self._in_pool(alone, convert_entry, entry.path, self.config.csv.ascii_only, self.config.links.patterns, formats)
         converted = asyncio.get_running_loop().create_future()
-        self._to_convert.append((entry.path, size, converted))
+        self._to_convert.append((entry.path, size, formats, converted))
         if self._senders < process_pool_size(self.config):
             self._senders += 1
             asyncio.create_task(self._send_conversions())
@@ -246,11 +315,11 @@ class Worker:
                     batch.append(self._to_convert.popleft())
                     size += batch[-1][1]
                 try:
-                    results = await self._in_pool(False, convert_entries, [path for path, _, _ in batch], self.config.csv.ascii_only,
-                                                  self.config.links.patterns)
+                    results = await self._in_pool(False, convert_entries, [path for path, _, _, _ in batch], self.config.csv.ascii_only,
+                                                  self.config.links.patterns, [formats for _, _, formats, _ in batch])
                 except Exception as exc:  # the pool died (every entry in it shares the blame) or a bug
                     results = [exc] * len(batch)
-                settle([future for _, _, future in batch], results)
+                settle([future for _, _, _, future in batch], results)
         finally:
             self._senders -= 1
 

@@ -12,7 +12,7 @@ loses no mail.
     messages          one row per message: its host, envelope, headers, its state now
     message_prefixes  one row per message and prefix: state, CSVs and unprocessable files
     outcomes          every outcome of a message, in order (a failure, then its retry)
-    files             every object a message stored: name, kind, rule, bucket, key, bytes, reason
+    files             every object a message stored: name, kind, rule, bucket, key, bytes, reason, a CSV's check (§16)
     prefixes          per prefix: first declared as a [[feed]], last message, last CSV
 """
 

@@ -42,6 +42,7 @@ class FileRow:
     key: str
     bytes: int
     reason: str = ""  # why it is unprocessable
+    check: str | None = None  # a CSV's report (DESIGN §16) as JSON: what the importer will make of it
 
 
 @dataclass(frozen=True)
@@ -89,7 +90,7 @@ class Db(Protocol):
 
 _MESSAGE_COLUMNS = ("id", "host", "received", "origin", "client", "helo", "mail_from", "header_from", "subject", "date", "size",
                     "authentication", "state", "reason", "attempts", "seconds", "finished")
-_FILE_COLUMNS = ("id", "prefix", "role", "name", "kind", "rule", "bucket", "key", "bytes", "reason")
+_FILE_COLUMNS = ("id", "prefix", "role", "name", "kind", "rule", "bucket", "key", "bytes", "reason", "check_report")
 
 
 def marks(values: Sized) -> str:
@@ -173,7 +174,7 @@ class _Files:
             self.rows = [row for row in self.rows if row[1] not in item.prefixes]
         else:
             self.everything, self.rows = True, []
-        self.rows += [(item.id, f.prefix, f.role, f.name, f.kind, f.rule, f.bucket, f.key, f.bytes, f.reason) for f in item.files]
+        self.rows += [(item.id, f.prefix, f.role, f.name, f.kind, f.rule, f.bucket, f.key, f.bytes, f.reason, f.check) for f in item.files]
 
 
 class _Prefix:
@@ -319,6 +320,12 @@ class History(ABC):
 
     def prefixes(self) -> dict[str, Any]:
         return {row["prefix"]: row for row in self._rows(("prefixes",), "SELECT * FROM prefixes")}
+
+    def recent_checks(self, since: str) -> list[dict]:
+        """prefix, check_report and received of each CSV received since `since` that has a report (DESIGN §16), oldest first."""
+        return self._rows(None, "SELECT f.prefix, f.check_report, m.received FROM files f JOIN messages m ON m.id = f.id "
+                                "WHERE f.role = 'amr_data' AND f.check_report IS NOT NULL AND m.received >= ? "
+                                f"ORDER BY m.received, f.{self.SEQ}", since)
 
     def counts_since(self, since: str) -> dict[str, int]:
         """Messages per prefix received since `since`."""

@@ -29,7 +29,7 @@ from esmail.history.journal import FOLDER, Journal
 
 log = logging.getLogger("esmail.history")
 
-VERSION = 1
+VERSION = 2
 CONNECT_TIMEOUT = 5  # seconds to reach the database before rows go to the journal
 RETRY_EVERY = 2.0  # seconds between the writer's tries while it does not answer
 RECONNECT_TIMEOUT = 10.0  # seconds the pool tries to reconnect in the background before a reader's request tries anew
@@ -72,6 +72,7 @@ CREATE TABLE actions (
 CREATE INDEX actions_by_host ON actions (host, done);
 CREATE INDEX actions_by_message ON actions (id);
 """,
+    2: "ALTER TABLE files ADD COLUMN check_report TEXT;",  # a CSV's report (DESIGN §16), as JSON
 }
 _STOP = object()
 

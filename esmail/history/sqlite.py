@@ -23,7 +23,7 @@ from esmail.history.base import Db, Finished, History, now_text, write_declared,
 log = logging.getLogger("esmail.history")
 
 FILE_NAME = "history.sqlite"
-VERSION = 2
+VERSION = 3
 
 _TABLES = """
 CREATE TABLE schema (version INTEGER NOT NULL);
@@ -60,6 +60,7 @@ CREATE TABLE actions (
 CREATE INDEX actions_by_host ON actions (host, done);
 CREATE INDEX actions_by_message ON actions (id);
 """,
+    3: "ALTER TABLE files ADD COLUMN check_report TEXT;",  # a CSV's report (DESIGN §16), as JSON
 }
 
 

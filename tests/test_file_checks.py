@@ -1,0 +1,323 @@
+"""The checks of DESIGN §16 where they show: the daemon over SMTP (history, /metrics, the log, Rollbar, the hold and
+its release), learned shapes, the history's new column, and `esmail check` on a supplier's files.
+
+Mail goes over real sockets to a running daemon; Rollbar is a local HTTP server
+that records what it is sent; DNS (the hold needs a [[feed]], so authentication
+runs) is the suite's loopback server.
+"""
+
+from __future__ import annotations
+
+import io
+import json
+import smtplib
+import sqlite3
+import subprocess
+import sys
+import time
+import urllib.request
+import zipfile
+from dataclasses import replace
+from email.message import EmailMessage
+
+import pytest
+
+from conftest import RunningDaemon, Server, config_toml, eventually
+from dnsserver import DnsServer
+from esmail import formats, metrics
+from esmail.config import Address, Buckets, Config, FeedConfig, HttpConfig, SpoolConfig, StorageConfig
+from esmail.history import SqliteHistory
+from esmail.importer import Report
+from esmail.shapes import Shapes, seed
+from sheets import xlsx
+from test_operations import Recorder
+from test_web import Browser, csrf_of
+
+local = pytest.mark.parametrize("config", ["local"], indirect=True)
+
+TIMES = [f"{h:02d}:{m:02d}" for h in range(24) for m in (0, 30)]
+VALUES = ",".join(f"{i / 10:g}" for i in range(1, 49))
+HEADER = "MPAN,Site,Date," + ",".join(TIMES)
+MOVED = "MPAN,Site,Region,Date," + ",".join(TIMES)  # a column inserted before the date: every read column but MPAN moves
+EXPORT = [{"id": 7, "identifier": "edf", "description": "EDF Energy", "number_of_header_rows": 1, "header_example": HEADER,
+           "date_format": "%d/%m/%Y", "mpan_mprn_field": "MPAN", "reading_date_field": "Date", "reading_fields": TIMES,
+           "msn_field": None, "row_per_reading": False, "process_type": "s3_folder", "enabled": True, "convert_to_kwh": "no",
+           "created_at": "2019-03-01T10:11:12.000Z", "updated_at": "2025-09-30T08:00:00.000Z"}]
+FORMAT = formats.parse({key: value for key, value in EXPORT[0].items() if key in formats.ATTRIBUTES})
+
+
+def good(day: int = 1) -> bytes:
+    return f"{HEADER}\r\n2200013680374,Ecclesall,{day:02d}/11/2026,{VALUES}\r\n2200013680375,Totley,{day:02d}/11/2026,{VALUES}\r\n".encode()
+
+
+def moved(day: int = 1) -> bytes:
+    return f"{MOVED}\r\n2200013680374,Ecclesall,North,{day:02d}/11/2026,{VALUES}\r\n".encode()
+
+
+def message(to: str, data: bytes, name: str = "export.csv") -> bytes:
+    msg = EmailMessage()
+    msg["From"], msg["To"], msg["Subject"] = "meters@supplier.example", to, "readings"
+    msg.set_content("attached")
+    msg.add_attachment(data, maintype="text", subtype="csv", filename=name)
+    return msg.as_bytes().replace(b"\n", b"\r\n")
+
+
+def csvs(config: Config, prefix: str = "") -> dict[str, bytes]:
+    root = config.storage.path / config.buckets.amr_data
+    found = {str(p.relative_to(root)): p.read_bytes() for p in root.rglob("*.csv")} if root.exists() else {}
+    return {key: data for key, data in found.items() if key.startswith(prefix)}
+
+
+def checks_in_history(spool) -> list[tuple[str, str, dict]]:
+    """(prefix, key, report) of every CSV the history holds, oldest first."""
+    with sqlite3.connect(spool / "history.sqlite") as conn:
+        rows = conn.execute("SELECT f.prefix, f.key, f.check_report FROM files f JOIN messages m ON m.id = f.id "
+                            "WHERE f.role = 'amr_data' ORDER BY m.received, f.rowid").fetchall()
+    return [(prefix, key, json.loads(text)) for prefix, key, text in rows]
+
+
+def test_the_daemon_checks_every_csv_and_reports_a_turn_to_header_changed_once(tmp_path):
+    """`esmail serve` with the importer's export: each CSV's report is in the history beside its object, counted on
+    /metrics, logged when not ok; Rollbar hears of edf's header change once per turn (ok → changed → changed → ok →
+    changed: two reports); a prefix without a format learns its shape and says `new shape` when it changes."""
+    recorder = Recorder()
+    export = tmp_path / "feed-formats.json"
+    export.write_text(json.dumps(EXPORT))
+    http = Address("127.0.0.1", _free_port())
+    config = Config(storage=StorageConfig(path=tmp_path / "data"), spool=SpoolConfig(path=tmp_path / "spool"),
+                    buckets=Buckets("checks-inbox", "checks-amr-data", "checks-unprocessable"))
+    server = Server(config, tmp_path, tables=f'[rollbar]\nendpoint = "{recorder.url}/api/1/"\n[http]\nlisten = "{http}"\n'
+                                             f'[formats]\npath = "{export}"\n')
+    server.start(ROLLBAR_ACCESS_TOKEN="7e57700007e57700007e57700007e577")
+    sent = [("edf", good(1)), ("edf", moved(2)), ("edf", moved(3)), ("edf", good(4)), ("edf", moved(5)),
+            ("sheffield", b"MPAN,Date,kWh\r\n1,2026-11-01,1\r\n"), ("sheffield", b"Meter,Date,kWh\r\n1,2026-11-02,1\r\n")]
+    try:
+        for n, (prefix, data) in enumerate(sent, 1):
+            with smtplib.SMTP("127.0.0.1", server.port, timeout=30) as client:
+                client.sendmail("meters@supplier.example", [f"{prefix}@datafeeds.example.org"], message(f"{prefix}@x", data))
+            deadline = time.monotonic() + 60
+            while len(csvs(config)) < n:  # one at a time: the turns are in the order sent
+                assert time.monotonic() < deadline, server.log.read_text()
+                time.sleep(0.05)
+        deadline = time.monotonic() + 30
+        while 'verdict="new shape"' not in (scraped := urllib.request.urlopen(f"http://{http}/metrics", timeout=10).read().decode()):
+            assert time.monotonic() < deadline, scraped  # the last message is stored; its check is counted a moment later
+            time.sleep(0.05)
+        while len(recorder.items) < 2 and time.monotonic() < deadline:
+            time.sleep(0.05)
+        time.sleep(1)  # a third report would have come by now
+    finally:
+        assert server.terminate() == 0
+    assert 'esmail_file_checks_total{prefix="edf",verdict="ok"} 2.0' in scraped
+    assert 'esmail_file_checks_total{prefix="edf",verdict="header changed"} 3.0' in scraped
+    assert 'esmail_file_checks_total{prefix="sheffield",verdict="ok"} 1.0' in scraped
+    assert 'esmail_file_checks_total{prefix="sheffield",verdict="new shape"} 1.0' in scraped
+    assert len(recorder.items) == 2
+    for item, day in zip(recorder.items, (2, 5)):
+        body = item["json"]["data"]["body"]["message"]
+        assert body["body"] == "a feed's CSV changed its header: the importer would not read it as configured"
+        assert (body["prefix"], body["verdict"]) == ("edf", "header changed") and body["key"].endswith("/export.csv")
+        assert body["reason"].startswith("Date moved from column 3 to 4; 00:00 moved from column 4 to 5; 00:30 moved from column 5 to 6; "
+                                         "46 more read columns moved; 0 of 1 rows import")
+    history = checks_in_history(tmp_path / "spool")
+    assert [(prefix, report["verdict"]) for prefix, _, report in history] == [
+        ("edf", "ok"), ("edf", "header changed"), ("edf", "header changed"), ("edf", "ok"), ("edf", "header changed"),
+        ("sheffield", "ok"), ("sheffield", "new shape")]
+    assert sorted(key for _, key, _ in history) == sorted(csvs(config))
+    first = history[0][2]
+    assert (first["name"], first["rows"], first["valid_rows"], first["days"], first["meters"]) == ("export.csv", 2, 2, 2, 2)
+    assert (first["first_date"], first["last_date"], first["warnings"], first["header"]["row"]) == ("2026-11-01", "2026-11-01", {}, 1)
+    assert history[1][2]["header"]["moved"][0] == {"name": "Date", "expected": 3, "found": 4}
+    assert history[6][2]["header"] == {"row": 1, "expected": ["MPAN", "Date", "kWh"], "found": ["Meter", "Date", "kWh"],
+                                       "moved": [], "missing": ["MPAN"]}
+    log = server.log.read_text()
+    assert log.count("/export.csv: header changed: Date moved from column 3 to 4") == 3
+    assert log.count(": new shape: header 'Meter,Date,kWh', usually 'MPAN,Date,kWh'") == 1
+    assert ": ok:" not in log
+
+
+def _free_port() -> int:
+    from conftest import free_port
+
+    return free_port()
+
+
+@pytest.fixture
+def dns():
+    server = DnsServer().start()
+    yield server
+    server.stop()
+
+
+def esmail(*args: str, **kwargs) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "esmail", *args], capture_output=True, text=True, timeout=120, **kwargs)
+
+
+@local
+async def test_a_feed_that_holds_keeps_a_changed_header_in_quarantine_until_released(config, dns, tmp_path):
+    """on_header_change = "hold": a message with a `header changed` CSV stores nothing in amr-data and waits in
+    quarantine with the reason; released (the command, then the page's button) it is stored as it is. A good CSV
+    of the same feed is stored at once."""
+    feed = FeedConfig("edf", on_header_change="hold", format=FORMAT)
+    config = replace(config, feeds=(feed,), dns=dns.config, feed_formats={"edf": FORMAT}, http=HttpConfig(listen=Address("127.0.0.1", 0)))
+    toml = tmp_path / "c.toml"
+    toml.write_text(config_toml(config))
+    quarantined = metrics.REGISTRY.get_sample_value("esmail_quarantined_total", {"prefix": "edf", "reason": "header_changed"}) or 0
+    with RunningDaemon(config) as server:
+        client = server.smtp()
+        client.sendmail("meters@supplier.example", ["edf@datafeeds.example.org"], message("edf@x", good(1)))
+        assert await eventually(lambda: len(csvs(config)) == 1)
+        first_held = _send(server, message("edf@x", moved(2)))
+        second_held = _send(server, message("edf@x", moved(3), name="other.csv"))
+        assert await eventually(lambda: sorted(server.spool.quarantined_ids()) == sorted([first_held, second_held]))
+        client.quit()
+        reason = server.spool.held(first_held)["edf"]
+        assert reason.startswith("header changed: export.csv: Date moved from column 3 to 4; 00:00 moved from column 4 to 5")
+        assert len(csvs(config)) == 1 and len(list((config.storage.path / config.buckets.inbox).rglob("*.eml"))) == 3
+        assert metrics.REGISTRY.get_sample_value("esmail_quarantined_total", {"prefix": "edf", "reason": "header_changed"}) == quarantined + 2
+        listed = esmail("--config", str(toml), "spool", "list")
+        assert "quarantined" in listed.stdout and "header changed: export.csv: Date moved from column 3 to 4" in listed.stdout
+        released = esmail("--config", str(toml), "spool", "release", first_held)
+        assert released.returncode == 0 and f"released {first_held} for edf (was: header changed: export.csv" in released.stdout
+        server.loop.call_soon_threadsafe(server.daemon.scheduler.submit, first_held)  # what the minute's rescan would do
+        assert await eventually(lambda: len(csvs(config)) == 2)
+        browser = Browser(server)
+        page = browser.get(f"/messages/{second_held}")
+        assert "header changed: other.csv" in page
+        status, _, _ = browser.request(f"/messages/{second_held}/release", {"csrftoken": csrf_of(page)})
+        assert status == 303
+        assert await eventually(lambda: len(csvs(config)) == 3 and not server.spool.pending())
+    stored = csvs(config, "edf/")
+    assert sorted(data for key, data in stored.items()) == sorted([good(1).replace(b"\r\n", b"\n"), moved(2).replace(b"\r\n", b"\n"),
+                                                                   moved(3).replace(b"\r\n", b"\n")])
+    assert server.spool.quarantined_ids() == []
+    history = sorted((key.rsplit("/", 1)[1], report["verdict"]) for _, key, report in checks_in_history(config.spool.path))
+    assert history == [("export.csv", "header changed"), ("export.csv", "ok"), ("other.csv", "header changed")]
+
+
+def _send(server: RunningDaemon, raw: bytes) -> str:
+    with server.smtp() as client:
+        client.ehlo("supplier.example")
+        client.mail("meters@supplier.example")
+        assert client.rcpt("edf@datafeeds.example.org")[0] == 250
+        code, text = client.data(raw)
+    assert code == 250, text
+    return text.decode().rsplit(" ", 1)[1]
+
+
+def test_learned_shapes_note_a_new_header_and_are_seeded_from_the_history(tmp_path):
+    """The first CSV of a prefix sets its shape; another header is `new shape`, shown beside the usual one; a
+    `sep=,` line counts with the row after it; after a restart the shapes come back from the history."""
+    shapes = Shapes(keep_seconds=86400)
+    first = shapes.check("sheffield", "a.csv", b"MPAN,Date,kWh\n1,2026-11-01,1\n")
+    assert (first.verdict, first.rows, first.header.found) == ("ok", 1, ["MPAN", "Date", "kWh"])
+    shapes.remember("sheffield", first.header.found)
+    assert shapes.check("sheffield", "b.csv", b"MPAN,Date,kWh\n2,2026-11-02,1\n").verdict == "ok"
+    changed = shapes.check("sheffield", "c.csv", b"sep=,\nDate,MPAN,kWh\n2026-11-02,2,1\n")
+    assert changed.verdict == "new shape" and changed.header.found == ["sep=", "", "Date", "MPAN", "kWh"]
+    assert changed.header.expected == ["MPAN", "Date", "kWh"]
+    assert shapes.check("leeds", "d.csv", b"X,Y\n").verdict == "ok"  # another prefix: its first file
+
+
+@pytest.mark.parametrize("config", ["local"], indirect=True)
+async def test_the_history_keeps_each_report_and_an_old_history_gains_the_column(config, tmp_path):
+    """A history written before the checks (schema 1) opens with the new column, its rows kept; then a report written
+    beside its file row seeds learned shapes and the feeds already reported at the next start."""
+    from esmail.history import FileRow, Finished
+
+    path = config.spool.path / "history.sqlite"
+    path.parent.mkdir(parents=True)
+    with sqlite3.connect(path) as conn:
+        conn.executescript("CREATE TABLE schema (version INTEGER NOT NULL); INSERT INTO schema VALUES (1);"
+                           "CREATE TABLE messages (id TEXT PRIMARY KEY, received TEXT NOT NULL, origin TEXT NOT NULL, client TEXT, "
+                           "helo TEXT, mail_from TEXT, header_from TEXT, subject TEXT, date TEXT, size INTEGER, authentication TEXT, "
+                           "state TEXT NOT NULL, reason TEXT, attempts INTEGER, seconds REAL, finished TEXT NOT NULL);"
+                           "CREATE TABLE message_prefixes (id TEXT NOT NULL, prefix TEXT NOT NULL, received TEXT NOT NULL, "
+                           "state TEXT NOT NULL, csvs INTEGER NOT NULL, unprocessable INTEGER NOT NULL, PRIMARY KEY (id, prefix));"
+                           "CREATE TABLE outcomes (id TEXT NOT NULL, at TEXT NOT NULL, outcome TEXT NOT NULL, reason TEXT, "
+                           "attempts INTEGER, seconds REAL);"
+                           "CREATE TABLE files (id TEXT NOT NULL, prefix TEXT NOT NULL, role TEXT NOT NULL, name TEXT NOT NULL, kind TEXT, "
+                           "rule TEXT, bucket TEXT NOT NULL, key TEXT NOT NULL, bytes INTEGER, reason TEXT);"
+                           "CREATE TABLE prefixes (prefix TEXT PRIMARY KEY, first_declared TEXT, last_message TEXT, last_csv TEXT, "
+                           "last_unprocessable INTEGER NOT NULL DEFAULT 0);"
+                           "INSERT INTO files VALUES ('old', 'sheffield', 'amr_data', 'a.csv', 'text', '', 'b', 'sheffield/1/a.csv', 5, '');")
+    history = SqliteHistory(config.spool.path, "mx1")
+    now = time.strftime("%Y-%m-%dT%H:%M:%S+00:00", time.gmtime())
+    learned = Shapes(86400).check("sheffield", "b.csv", b"Meter,Date,kWh\n1,2026-11-01,1\n")
+    rejected = Report("export.csv", "rejected", reason="No valid readings in file")
+    await history.record(Finished("new", now, "smtp", "stored", {"sheffield": "stored", "edf": "stored"}, files=[
+        FileRow("sheffield", "amr_data", "b.csv", "text", "", "b", "sheffield/2/b.csv", 30, check=learned.to_json()),
+        FileRow("edf", "amr_data", "export.csv", "text", "", "b", "edf/2/export.csv", 30, check=rejected.to_json())]))
+    shapes, alerted = Shapes(86400), set()
+    seed(history, shapes, alerted)
+    history.close()
+    with sqlite3.connect(path) as conn:
+        assert conn.execute("SELECT version FROM schema").fetchone() == (3,)
+        rows = conn.execute("SELECT id, key, check_report FROM files ORDER BY rowid").fetchall()
+    assert rows[0] == ("old", "sheffield/1/a.csv", None)
+    assert [(i, k, json.loads(c)["verdict"]) for i, k, c in rows[1:]] == [("new", "sheffield/2/b.csv", "ok"), ("new", "edf/2/export.csv", "rejected")]
+    assert alerted == {"edf"}
+    assert shapes.check("sheffield", "c.csv", b"Meter,Date,kWh\n2,2026-11-02,1\n").verdict == "ok"
+    assert shapes.check("sheffield", "d.csv", b"MPAN,Date,kWh\n2,2026-11-02,1\n").verdict == "new shape"
+
+
+# --- esmail check -----------------------------------------------------------------------------------------------------
+
+@pytest.fixture
+def feed_toml(tmp_path):
+    export = tmp_path / "feed-formats.json"
+    export.write_text(json.dumps(EXPORT))
+    toml = tmp_path / "esmail.toml"
+    toml.write_text(f'[formats]\npath = "{export}"\n[spool]\npath = "{tmp_path / "spool"}"\n')
+    return toml
+
+
+def test_check_a_csv_prints_what_the_importer_makes_of_it(feed_toml, tmp_path):
+    """A supplier's sample CSV with one blank half hour: exit 0 (the file imports), the counts, the warning and its row."""
+    sample = tmp_path / "sample.csv"
+    sample.write_bytes(good(1) + f"2200013680376,Dore,01/11/2026,{VALUES.rsplit(',', 1)[0]},\r\n".encode())
+    result = esmail("--config", str(feed_toml), "check", "--feed", "edf", str(sample))
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.splitlines()[:3] == [
+        "sample.csv: warnings",
+        "  2 of 3 rows import (2 meter-days, 2 meters, 2026-11-01 to 2026-11-01); warnings: missing_readings 1",
+        "  line 4 (missing_readings): 2200013680376,Dore,01/11/2026,0.1,0.2,0.3,0.4,0.5,0.6,0.7,0.8,0.9,1,1.1,1.2,1.3,1.4,1.5,1.6,1.7,1.8,…"]
+
+
+def test_check_an_xlsx_and_a_zip_with_their_exit_codes(feed_toml, tmp_path):
+    """An xlsx with date cells imports (a note; exit 0); a zip holding a good CSV and one whose header changed exits 1,
+    and --json prints both reports; a feed without a format or a missing file is a usage error (exit 2)."""
+    cells = {"A1": "MPAN", "B1": "Site", "C1": "Date", "A2": 2200013680374, "B2": "Ecclesall", "C2": __import__("datetime").date(2026, 11, 1)}
+    for i, name in enumerate(TIMES):
+        column = _column(4 + i)
+        cells[f"{column}1"], cells[f"{column}2"] = name, (i + 1) / 10
+    book = tmp_path / "readings.xlsx"
+    book.write_bytes(xlsx(cells, formats={"C2": "dd/mm/yyyy"}))
+    result = esmail("--config", str(feed_toml), "check", "--feed", "edf", str(book))
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.splitlines()[:3] == ["readings.xlsx.csv: ok", "  1 of 1 rows import (1 meter-days, 1 meters, 2026-11-01 to 2026-11-01)",
+                                              "  notes: date_format_differs 1"]
+    archive = tmp_path / "november.zip"
+    buffer = io.BytesIO()
+    with zipfile.ZipFile(buffer, "w") as zipped:
+        zipped.writestr("week1/good.csv", good(1))
+        zipped.writestr("week2/changed.csv", moved(8))
+    archive.write_bytes(buffer.getvalue())
+    result = esmail("--config", str(feed_toml), "check", "--feed", "EDF", "--json", str(archive))
+    assert result.returncode == 1, result.stderr
+    reports = json.loads(result.stdout)["files"]
+    assert [(r["name"], r["verdict"], r["valid_rows"]) for r in reports] == [("week1/good.csv", "ok", 2), ("week2/changed.csv", "header changed", 0)]
+    assert reports[1]["header"]["moved"][0] == {"name": "Date", "expected": 3, "found": 4}
+    unknown = esmail("--config", str(feed_toml), "check", "--feed", "sheffield", str(archive))
+    assert unknown.returncode == 2 and "--feed 'sheffield' has no format" in unknown.stderr
+    missing = esmail("--config", str(feed_toml), "check", "--feed", "edf", str(tmp_path / "nope.csv"))
+    assert missing.returncode == 2 and "nope.csv: No such file or directory" in missing.stderr
+    assert esmail("--config", str(feed_toml), "check", str(archive)).returncode == 2  # --feed is required
+
+
+def _column(n: int) -> str:
+    name = ""
+    while n:
+        n, rest = divmod(n - 1, 26)
+        name = chr(65 + rest) + name
+    return name
