@@ -269,7 +269,7 @@ def _split_quoted(text: str, sep: str) -> list[str]:
 
 def _ruby_csv_error(text: str, sep: str, line: int) -> str:
     """Ruby CSV's message for the first fault in a row that breaks its quoting rules."""
-    i, at = 0, line
+    i = 0
     while i <= len(text):
         if text.startswith('"', i):  # a quoted field
             j = i + 1
@@ -283,13 +283,13 @@ def _ruby_csv_error(text: str, sep: str, line: int) -> str:
                 break
             after = j + 1
             if after < len(text) and not text.startswith(sep, after):
-                return f"Any value after quoted field isn't allowed in line {at + text.count(chr(10), 0, after)}."
+                return f"Any value after quoted field isn't allowed in line {line + text.count(chr(10), 0, after)}."
             i = after + len(sep)
         else:
             end = text.find(sep, i)
             end = len(text) if end < 0 else end
             if '"' in text[i:end]:
-                return f"Illegal quoting in line {at + text.count(chr(10), 0, i)}."
+                return f"Illegal quoting in line {line + text.count(chr(10), 0, i)}."
             i = end + len(sep)
     return f"Illegal quoting in line {line}."
 
