@@ -177,3 +177,31 @@ async def test_history_copy_moves_a_hosts_sqlite_history_into_postgresql_and_is_
     done = subprocess.run([sys.executable, "-m", "esmail", "--config", str(toml), "history", "copy", "--to",
                            history_url.replace("esmail@", "esmail:hunter22@")], capture_output=True, text=True, env=env, timeout=60)
     assert done.returncode == 2 and "holds a password" in done.stderr and "hunter22" not in done.stderr
+
+
+async def test_both_backends_keep_each_csvs_check_and_give_it_back_at_start(backend):
+    """A CSV's report (DESIGN §16) is kept beside its file row; at start the worker's memory (learned shapes, the feeds
+    already reported) comes back from it, the same from SQLite and PostgreSQL."""
+    import json
+
+    from esmail.importer import Report
+    from esmail.shapes import Shapes, seed
+
+    history = open_history(backend)
+    try:
+        now = time.strftime("%Y-%m-%dT%H:%M:%S+00:00", time.gmtime())
+        learned = Shapes(86400).check("sheffield", "a.csv", b"Meter,Date,kWh\n1,2026-11-01,1\n")
+        changed = Report("export.csv", "header changed")
+        await history.record(replace(finished(1, received=now), prefixes={"sheffield": "stored", "edf": "stored"}, files=[
+            FileRow("sheffield", "amr_data", "a.csv", "csv", "csv", "t-amr", "sheffield/x/a.csv", 30, check=learned.to_json()),
+            FileRow("edf", "amr_data", "export.csv", "csv", "csv", "t-amr", "edf/x/export.csv", 30, check=changed.to_json())]))
+        await settled(history)
+        _, _, files, _ = history.message(finished(1).id)
+        assert [json.loads(f["check_report"])["verdict"] for f in files] == ["ok", "header changed"]
+        shapes, alerted = Shapes(86400), set()
+        seed(history, shapes, alerted)
+        assert alerted == {"edf"}
+        assert shapes.check("sheffield", "b.csv", b"Meter,Date,kWh\n2,2026-11-02,1\n").verdict == "ok"
+        assert shapes.check("sheffield", "c.csv", b"MPAN,Date,kWh\n2,2026-11-02,1\n").verdict == "new shape"
+    finally:
+        history.close()
