@@ -338,16 +338,23 @@ def _history_copy(config: Config, args) -> int:
     return 0
 
 
+def _read(command: str, name: str) -> bytes | None:
+    """A file's bytes; None (said on stderr, naming the command and the file) when it cannot be read."""
+    try:
+        return Path(name).read_bytes()
+    except OSError as exc:
+        print(f"esmail {command}: {name}: {exc.strerror or exc}", file=sys.stderr)
+        return None
+
+
 def _convert(config: Config, args) -> int:
     from esmail import chain
 
     out_dir = Path(args.out)
     status = 0
     for name in args.files:
-        try:
-            data = Path(name).read_bytes()
-        except OSError as exc:
-            print(f"esmail convert: {name}: {exc.strerror or exc}", file=sys.stderr)
+        data = _read("convert", name)
+        if data is None:
             status = 1
             continue
         for output in chain.route(Path(name).name, data, config.csv.ascii_only):
@@ -379,10 +386,8 @@ def _check(config: Config, args) -> int:
         return 2
     reports, status = [], 0
     for name in args.files:
-        try:
-            data = Path(name).read_bytes()
-        except OSError as exc:
-            print(f"esmail check: {name}: {exc.strerror or exc}", file=sys.stderr)
+        data = _read("check", name)
+        if data is None:
             return 2
         if name.lower().endswith(".eml"):
             converted = convert(data, config.csv.ascii_only, config.links.patterns, {prefix: fmt})
@@ -400,7 +405,7 @@ def _check(config: Config, args) -> int:
             reports.append(found)
             status = status or int(not found.would_import)
     if args.json:
-        print(json.dumps({"files": [asdict(found) for found in reports]}, indent=2, ensure_ascii=False))
+        print(json.dumps({"files": [asdict(found) for found in reports]}, ensure_ascii=False))
     for found in [] if args.json else reports:
         print(f"{found.name}: {found.verdict}\n  {found.summary()}")
         if found.notes:
@@ -527,10 +532,8 @@ def _send(config: Config, args) -> int:
     msg["Date"] = datetime.now(timezone.utc)
     msg.set_content(f"{len(args.files)} file(s) attached by esmail send.\n")
     for name in args.files:
-        try:
-            data = Path(name).read_bytes()
-        except OSError as exc:
-            print(f"esmail send: {name}: {exc.strerror or exc}", file=sys.stderr)
+        data = _read("send", name)
+        if data is None:
             return 1
         maintype, subtype = (mimetypes.guess_type(name)[0] or "application/octet-stream").split("/", 1)
         msg.add_attachment(data, maintype=maintype, subtype=subtype, filename=Path(name).name)

@@ -111,7 +111,8 @@ class Report:
             parts.append(self.header_changes())
         if self.verdict != NEW_SHAPE and self.verdict != FORMAT_UNUSABLE:
             dates = f", {self.first_date} to {self.last_date}" if self.first_date else ""
-            parts.append(f"{self.valid_rows} of {self.rows} rows import ({self.days} meter-days, {self.meters} meters{dates})")
+            filtered = f", {self.filtered} more filtered out" if self.filtered else ""
+            parts.append(f"{self.valid_rows} of {self.rows} rows import ({self.days} meter-days, {self.meters} meters{dates}){filtered}")
         if self.warnings:
             parts.append("warnings: " + ", ".join(f"{name} {n}" for name, n in self.warnings.items()))
         return "; ".join(parts)

@@ -18,11 +18,13 @@ import time
 import urllib.request
 import zipfile
 from dataclasses import replace
+from datetime import date
 from email.message import EmailMessage
 
 import pytest
+from openpyxl.utils import get_column_letter
 
-from conftest import RunningDaemon, Server, config_toml, eventually
+from conftest import RunningDaemon, Server, config_toml, eventually, free_port
 from dnsserver import DnsServer
 from esmail import formats, metrics
 from esmail.config import Address, Buckets, Config, FeedConfig, HttpConfig, SpoolConfig, StorageConfig
@@ -83,7 +85,7 @@ def test_the_daemon_checks_every_csv_and_reports_a_turn_to_header_changed_once(t
     recorder = Recorder()
     export = tmp_path / "feed-formats.json"
     export.write_text(json.dumps(EXPORT))
-    http = Address("127.0.0.1", _free_port())
+    http = Address("127.0.0.1", free_port())
     config = Config(storage=StorageConfig(path=tmp_path / "data"), spool=SpoolConfig(path=tmp_path / "spool"),
                     buckets=Buckets("checks-inbox", "checks-amr-data", "checks-unprocessable"))
     server = Server(config, tmp_path, tables=f'[rollbar]\nendpoint = "{recorder.url}/api/1/"\n[http]\nlisten = "{http}"\n'
@@ -134,12 +136,6 @@ def test_the_daemon_checks_every_csv_and_reports_a_turn_to_header_changed_once(t
     assert log.count("/export.csv: header changed: Date moved from column 3 to 4") == 3
     assert log.count(": new shape: header 'Meter,Date,kWh', usually 'MPAN,Date,kWh'") == 1
     assert ": ok:" not in log
-
-
-def _free_port() -> int:
-    from conftest import free_port
-
-    return free_port()
 
 
 @pytest.fixture
@@ -287,9 +283,9 @@ def test_check_a_csv_prints_what_the_importer_makes_of_it(feed_toml, tmp_path):
 def test_check_an_xlsx_and_a_zip_with_their_exit_codes(feed_toml, tmp_path):
     """An xlsx with date cells imports (a note; exit 0); a zip holding a good CSV and one whose header changed exits 1,
     and --json prints both reports; a feed without a format or a missing file is a usage error (exit 2)."""
-    cells = {"A1": "MPAN", "B1": "Site", "C1": "Date", "A2": 2200013680374, "B2": "Ecclesall", "C2": __import__("datetime").date(2026, 11, 1)}
+    cells = {"A1": "MPAN", "B1": "Site", "C1": "Date", "A2": 2200013680374, "B2": "Ecclesall", "C2": date(2026, 11, 1)}
     for i, name in enumerate(TIMES):
-        column = _column(4 + i)
+        column = get_column_letter(4 + i)
         cells[f"{column}1"], cells[f"{column}2"] = name, (i + 1) / 10
     book = tmp_path / "readings.xlsx"
     book.write_bytes(xlsx(cells, formats={"C2": "dd/mm/yyyy"}))
@@ -315,9 +311,23 @@ def test_check_an_xlsx_and_a_zip_with_their_exit_codes(feed_toml, tmp_path):
     assert esmail("--config", str(feed_toml), "check", str(archive)).returncode == 2  # --feed is required
 
 
-def _column(n: int) -> str:
-    name = ""
-    while n:
-        n, rest = divmod(n - 1, 26)
-        name = chr(65 + rest) + name
-    return name
+
+def test_the_guides_new_supplier_example_says_what_the_guide_shows(tmp_path):
+    """docs/feeds.md's walk-through: examples/brightside.toml on examples/new-supplier.csv gives the warnings shown
+    there; with the two fixes it describes, only the supplier's own faults are left."""
+    from pathlib import Path
+
+    examples = Path(__file__).resolve().parents[1] / "examples"
+    first = esmail("--config", str(examples / "brightside.toml"), "check", "--feed", "brightside", "--json", str(examples / "new-supplier.csv"))
+    [report] = json.loads(first.stdout)["files"]
+    assert first.returncode == 0 and (report["verdict"], report["rows"], report["valid_rows"], report["header"]["row"]) == ("warnings", 7, 3, 2)
+    assert report["warnings"] == {"missing_readings": 1, "invalid_non_numeric_mpan_mprn": 3, "missing_reading_date": 1,
+                                  "invalid_reading_date": 1, "header_row_moved": 1}
+    fixed = tmp_path / "brightside.toml"
+    fixed.write_text((examples / "brightside.toml").read_text().replace("number_of_header_rows = 1", "number_of_header_rows = 2")
+                     + 'column_row_filters = { MPAN = "^Total$" }\n')
+    second = esmail("--config", str(fixed), "check", "--feed", "brightside", str(examples / "new-supplier.csv"))
+    assert second.returncode == 0 and second.stdout.splitlines()[:2] == [
+        "new-supplier.csv: warnings",
+        "  3 of 5 rows import (3 meter-days, 2 meters, 2026-11-01 to 2026-11-02), 1 more filtered out; "
+        "warnings: missing_readings 1, invalid_non_numeric_mpan_mprn 1"]

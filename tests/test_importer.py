@@ -12,6 +12,7 @@ from dataclasses import asdict
 from datetime import date, datetime, timedelta
 
 import pytest
+from openpyxl.utils import get_column_letter
 
 from esmail import formats
 from esmail.conversion import convert_files
@@ -221,23 +222,16 @@ def test_iso_dates_in_a_day_first_feed_are_a_note():
 def test_an_xlsx_with_date_cells_is_a_note_not_a_warning():
     """A spreadsheet's date cells come out as ISO (`2026-11-01`), which a `%d/%m/%Y` feed imports all the same."""
     cells = {"A1": "MPAN", "B1": "Site", "C1": "Date"}
-    cells.update({f"{_column(4 + i)}1": t for i, t in enumerate(TIMES)})
+    cells.update({f"{get_column_letter(4 + i)}1": t for i, t in enumerate(TIMES)})
     for r, day in enumerate((1, 2), 2):
         cells.update({f"A{r}": int(MPAN), f"B{r}": "Ecclesall", f"C{r}": datetime(2026, 11, day)})
-        cells.update({f"{_column(4 + i)}{r}": (i + 1) / 10 for i in range(48)})
+        cells.update({f"{get_column_letter(4 + i)}{r}": (i + 1) / 10 for i in range(48)})
     data = xlsx(cells, formats={"C2": "dd/mm/yyyy", "C3": "dd/mm/yyyy"})
     report = checked(row_per_day(), "readings.xlsx", data)
     assert report.name == "readings.xlsx.csv"
     assert (report.verdict, report.valid_rows, report.meters, report.notes, report.warnings) == ("ok", 2, 1, {"date_format_differs": 2}, {})
     assert (report.first_date, report.last_date) == ("2026-11-01", "2026-11-02")
 
-
-def _column(n: int) -> str:
-    name = ""
-    while n:
-        n, rest = divmod(n - 1, 26)
-        name = chr(65 + rest) + name
-    return name
 
 
 def test_a_file_of_only_a_header_is_rejected():
