@@ -114,7 +114,7 @@ def check_all(outputs: list[Output], formats: dict[str, Format | Unusable]) -> d
     """prefix → CSV name → report; a format shared by several prefixes reads each CSV once."""
     if not formats:
         return {}
-    from esmail.importer import check  # only where some prefix has a format
+    from esmail.importer import FORMAT_UNUSABLE, Report, check  # only where some prefix has a format
 
     by_format: dict[Format | Unusable, list[str]] = {}
     for prefix, fmt in formats.items():
@@ -124,7 +124,11 @@ def check_all(outputs: list[Output], formats: dict[str, Format | Unusable]) -> d
         if out.bucket != AMR_DATA:
             continue
         for fmt, prefixes in by_format.items():
-            report = check(out.name, out.data, fmt)
+            try:
+                report = check(out.name, out.data, fmt)
+            except Exception as exc:  # a fault of the check itself must not keep the CSV from being stored
+                report = Report(out.name, FORMAT_UNUSABLE, reason=f"esmail could not check it ({type(exc).__name__}: {exc}): "
+                                                                  "a fault in esmail, please report it")
             for prefix in prefixes:
                 checks[prefix][out.name] = report
     return checks

@@ -154,7 +154,7 @@ def check(name: str, data: bytes, fmt: Format | Unusable, today: date | None = N
         report.reason = f"Unable to parse the file ({exc})"
     except Stop as exc:
         report.reason = str(exc)
-        report.rows += sum(1 for _ in rows)  # the importer stopped; the file still has them
+        report.rows += _remaining(rows)  # the importer stopped; the file still has them
         report.valid_rows = report.days = report.meters = 0
         report.first_date = report.last_date = None
         report.warnings.clear()
@@ -162,6 +162,17 @@ def check(name: str, data: bytes, fmt: Format | Unusable, today: date | None = N
     report.header = _header(reader.first, fmt, layout, report)
     report.verdict = _verdict(report)
     return report
+
+
+def _remaining(rows: Iterator) -> int:
+    """How many rows are left (up to a row Ruby's CSV would refuse)."""
+    count = 0
+    try:
+        for _ in rows:
+            count += 1
+    except Malformed:
+        pass
+    return count
 
 
 def _verdict(report: Report) -> str:
@@ -357,9 +368,8 @@ def _row_per_day(rows, fmt: Format, layout: _Layout, report: Report, lines: list
     keys: set[tuple[str, str]] = set()
     warned: list[tuple[int, int]] = []  # (line, warning bits)
     meters: set[str] = set()
-    count = valid = low = high = 0
+    valid = low = high = differs = 0
     for line, fields in rows:
-        count += 1
         n = len(fields)
         meter = fields[meter_i].strip() if meter_i < n else ""
         day = fields[date_i].strip() if date_i < n else ""
@@ -390,7 +400,7 @@ def _row_per_day(rows, fmt: Format, layout: _Layout, report: Report, lines: list
                 ordinal = dates.read(day)
             if ordinal < 0:
                 ordinal = -ordinal
-                dates.differs += 1
+                differs += 1
             if ordinal == 0:
                 bits |= _BAD_DATE
             elif ordinal > today_ord:
@@ -400,9 +410,10 @@ def _row_per_day(rows, fmt: Format, layout: _Layout, report: Report, lines: list
             records.append((line, meter, day, hash((meter, day, units, text)), bits, ordinal))
             continue
         if meter and day:
-            if (meter, day) in keys:
-                raise _Repeats
+            seen = len(keys)
             keys.add((meter, day))
+            if len(keys) == seen:
+                raise _Repeats
         if bits:
             warned.append((line, bits))
             continue
@@ -419,12 +430,13 @@ def _row_per_day(rows, fmt: Format, layout: _Layout, report: Report, lines: list
         keys = {(record[1], record[5]) for record in kept}
         low, high = min((r[5] for r in kept), default=0), max((r[5] for r in kept), default=0)
         warned = [(record[0], record[4]) for record in records if record[4]]
-    report.rows, report.valid_rows, report.meters, report.days = count, valid, len(meters), len(keys) if exact else valid
+    report.rows = len(records) if exact else valid + len(warned)
+    report.valid_rows, report.meters, report.days = valid, len(meters), len(keys) if exact else valid
     if valid:
         report.first_date, report.last_date = date.fromordinal(low).isoformat(), date.fromordinal(high).isoformat()
     _tally_warnings(report, warned, lines)
-    if dates.differs:
-        report.notes[DATE_FORMAT_DIFFERS] = dates.differs
+    if differs:
+        report.notes[DATE_FORMAT_DIFFERS] = differs
 
 
 def _dashes(text: str, sep: str, dash: str) -> bool:
@@ -491,7 +503,6 @@ class _Dates:
         self.strptime = rubydate.strptime(date_format)
         self.today = today
         self.cache: dict[str, int] = {}
-        self.differs = 0
 
     def read(self, text: str) -> int:
         found = self.strptime.date(text, self.today)

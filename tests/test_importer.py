@@ -325,3 +325,37 @@ def test_asdict_of_a_report_is_what_the_json_says():
     report = checked(row_per_day(), "export.csv", csv_of(HEADER, f",a,01/11/2026,{VALUES}"))
     assert json.loads(report.to_json()) == json.loads(json.dumps(asdict(report)))
     assert report.examples[0].warnings == ["missing_mpan_mprn"] and report.verdict == "rejected"
+
+
+FORMATS = [
+    row_per_day(),
+    row_per_day(number_of_header_rows=0, column_row_filters={"Site": "^Total"}, missing_readings_limit=2, allow_merging=True),
+    row_per_day(header_example="Site Id,Meter Number,Reading Date,Units," + ",".join(TIMES), mpan_mprn_field="", msn_field="Meter Number",
+                lookup_by_serial_number=True, reading_date_field="Reading Date", units_field="Units", expected_units="kWh", date_format="%d-%b-%y"),
+    per_reading(positional_index=True, period_field="Period", header_example="MPRN,Date,Period,KWH"),
+    per_reading(positional_index=True, reading_time_field="Time", header_example="MPRN,Date,Time,KWH", column_separator=";"),
+    per_reading(number_of_header_rows=2, date_format="%e %b %Y %H:%M:%S", header_example="MPRN,Date,KWH,Type"),
+    per_reading(half_hourly_labelling="start", date_format="%Y-%m-%dT%H:%M", header_example="MPRN,Date,KWH", allow_merging=True),
+]
+
+
+def test_any_text_gets_a_report_and_never_an_error():
+    """Whatever a file holds (quotes, separators, dates, numbers, blank fields in any order), every shape of format
+    gives a report whose counts add up, and that survives its own JSON."""
+    from hypothesis import given, settings, strategies as st
+
+    cell = st.one_of(st.sampled_from(["", "-", " ", '"', '""', "Total", "MPAN", "Date", "01/11/2026", "2026-11-01T00:30", "1 Nov 26",
+                                      "31/02/2026", "24:00", "130", "48", "0", "2200013680374", "1.23405E+12", "kWh", "1.5"]),
+                     st.text(alphabet=',;"0123456789:/- TZabc\n', max_size=12))
+    rows = st.lists(st.lists(cell, max_size=55).map(",".join), max_size=12).map("\n".join)
+
+    @settings(max_examples=int(__import__("os").environ.get("ESMAIL_FUZZ_EXAMPLES", "200")), deadline=None)
+    @given(rows, st.sampled_from(range(len(FORMATS))))
+    def run(text, which):
+        data = text.encode()
+        report = check("fuzz.csv", data, FORMATS[which])
+        assert report.verdict in ("ok", "warnings", "rejected", "header changed")
+        assert 0 <= report.valid_rows <= report.rows and report.days <= max(report.valid_rows, 0) + report.rows
+        assert type(report).from_dict(json.loads(report.to_json())) == report
+
+    run()
