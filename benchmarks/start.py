@@ -1,4 +1,4 @@
-"""How fast the short commands start: `esmail --help`, `convert`, `send`, `spool list` (target: ≤ 0.1 s of imports).
+"""How fast the short commands start: `esmail --help`, `convert`, `send`, `spool list`, `check` (target: ≤ 0.1 s of imports).
 
     python benchmarks/start.py [--runs 15]
 
@@ -55,7 +55,10 @@ def main() -> None:
     work = Path(tempfile.mkdtemp(prefix="esmail-start-"))
     try:
         (work / "readings.csv").write_bytes(b"MPAN,00:30\r\n2200013680374,1.5\r\n")
-        (work / "esmail.toml").write_text(f'[spool]\npath = "{work / "spool"}"\n[storage]\npath = "{work / "data"}"\n')
+        (work / "esmail.toml").write_text(f'[spool]\npath = "{work / "spool"}"\n[storage]\npath = "{work / "data"}"\n'
+                                          '[[feed]]\nprefix = "sheffield"\n[feed.format]\nheader_example = "MPAN,00:30"\n'
+                                          'date_format = "%d/%m/%Y"\nmpan_mprn_field = "MPAN"\nreading_date_field = "MPAN"\n'
+                                          'reading_fields = ["00:30"]\nrow_per_reading = true\n')
         (work / "spool").mkdir()
         env = {**os.environ, "ESMAIL_CONFIG": str(work / "esmail.toml")}
         commands = {
@@ -63,6 +66,7 @@ def main() -> None:
             "convert": ["convert", "--out", str(work / "out"), str(work / "readings.csv")],
             "send": ["send", "--server", "127.0.0.1:9", "--to", "a@datafeeds.example.org", str(work / "readings.csv")],  # refused: imports, then exit 1
             "spool list": ["spool", "list"],
+            "check": ["check", "--feed", "sheffield", str(work / "readings.csv")],  # what the importer makes of it (DESIGN §16)
         }
         baseline = wall_seconds([sys.executable, "-c", "pass"], env, args.runs)
         print(f"python -c pass: {baseline * 1000:.0f} ms (the interpreter's own start, the baseline)\n")

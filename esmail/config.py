@@ -14,12 +14,13 @@ import re
 import tomllib
 from dataclasses import dataclass, field, fields, replace
 from pathlib import Path
-from typing import Any, Mapping, NamedTuple
+from typing import TYPE_CHECKING, Any, Mapping, NamedTuple
 
-from esmail import formats as formats_module
 from esmail.errors import ConfigError
-from esmail.formats import Format, Unusable
 from esmail.keys import prefix_of
+
+if TYPE_CHECKING:  # formats (and Ruby's dates) are imported only where a format is configured
+    from esmail.formats import Format, Unusable
 
 CONFIG_ENV = "ESMAIL_CONFIG"
 SECRET_NAMES = (
@@ -254,6 +255,8 @@ class Config:
                     lines.append("[feed.format]")
                     lines += [f"{f.name} = {_show(getattr(value.format, f.name))}" for f in fields(value.format)]
         if self.formats.path is not None:
+            from esmail.formats import Unusable
+
             unusable = sum(isinstance(fmt, Unusable) for fmt in self.feed_formats.values())
             lines.append(f"# [formats] path: {len(self.feed_formats)} prefixes have a format, {unusable} of them unusable")
         lines.append("# secrets (environment or .env.{stage})")
@@ -637,9 +640,11 @@ def _inline_format(table: Any, name: str, where: str) -> Format:
     """A `[feed.format]` table: the importer's attributes, every one checked (DESIGN §16)."""
     if not isinstance(table, dict):
         raise ConfigError(f"{where}: {name} must be a table of the importer's attributes ([feed.format] under the [[feed]])")
+    from esmail import formats
+
     try:
-        return formats_module.parse(table)
-    except formats_module.FormatError as exc:
+        return formats.parse(table)
+    except formats.FormatError as exc:
         raise ConfigError(f"{where}: {name} {exc}") from None
 
 
@@ -649,11 +654,15 @@ def _feed_formats(feeds: tuple[FeedConfig, ...], config: FormatsConfig, where: s
     An export that cannot be read is a config error; an entry of it that
     cannot be checked is a warning, and its prefix's files say `format unusable`.
     """
+    if config.path is None and not any(feed.format is not None or feed.on_header_change == "hold" for feed in feeds):
+        return {}, ()
+    from esmail.formats import Unusable, load_export  # only where some format is configured
+
     found: dict[str, Format | Unusable] = {}
     warnings: list[str] = []
     if config.path is not None:
         try:
-            found, faults = formats_module.load_export(config.path)
+            found, faults = load_export(config.path)
         except ValueError as exc:
             raise ConfigError(f"{where}: [formats] path = '{config.path}' {exc}; export the importer's configs again "
                               "(AmrDataFeedConfig.all.to_json) or remove the key") from None

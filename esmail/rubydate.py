@@ -159,14 +159,20 @@ def strptime(fmt: str) -> Strptime:
 _TIME = r"(?:(?:T|\s+|\s*,\s*)(\d{1,2}):(\d{2})(?::(\d{2})(?:[.,]\d+)?)?\s*(Z|UTC|GMT|[+-]\d{2}(?::?\d{2})?)?)?"
 _WEEKDAY = rf"(?:(?:{_DAY_NAMES})\.?,?\s+)?"
 _ORDINAL = r"(?:st|nd|rd|th)?"
-_LENIENT = [  # (regex, order of year, month, day groups), each followed by an optional time
-    (re.compile(rf"\s*([+-]?\d{{4}})-(\d{{1,2}})-(\d{{1,2}}){_TIME}\s*", re.I), "ymd"),
-    (re.compile(rf"\s*(\d{{4}})(\d{{2}})(\d{{2}})(?:T(\d{{2}})(\d{{2}})(\d{{2}})?(Z)?)?\s*", re.I), "ymd"),
-    (re.compile(rf"\s*(\d{{4}})[/.](\d{{1,2}})[/.](\d{{1,2}}){_TIME}\s*", re.I), "ymd"),
-    (re.compile(rf"\s*(\d{{1,2}})[/.](\d{{1,2}})[/.](\d{{3,}}){_TIME}\s*", re.I), "dmy"),
-    (re.compile(rf"\s*{_WEEKDAY}(\d{{1,2}}){_ORDINAL}[\s-]*((?:{_MONTH_NAMES})[a-z]*)\.?[\s-]*(\d{{2,}})?{_TIME}\s*", re.I), "dMy"),
-    (re.compile(rf"\s*{_WEEKDAY}((?:{_MONTH_NAMES})[a-z]*)\.?\s+(\d{{1,2}}){_ORDINAL},?(?:\s+(\d{{2,}}))?{_TIME}\s*", re.I), "Mdy"),
+_LENIENT_FORMS = [  # (regex, order of year, month, day groups), each followed by an optional time
+    (rf"\s*([+-]?\d{{4}})-(\d{{1,2}})-(\d{{1,2}}){_TIME}\s*", "ymd"),
+    (rf"\s*(\d{{4}})(\d{{2}})(\d{{2}})(?:T(\d{{2}})(\d{{2}})(\d{{2}})?(Z)?)?\s*", "ymd"),
+    (rf"\s*(\d{{4}})[/.](\d{{1,2}})[/.](\d{{1,2}}){_TIME}\s*", "ymd"),
+    (rf"\s*(\d{{1,2}})[/.](\d{{1,2}})[/.](\d{{3,}}){_TIME}\s*", "dmy"),
+    (rf"\s*{_WEEKDAY}(\d{{1,2}}){_ORDINAL}[\s-]*((?:{_MONTH_NAMES})[a-z]*)\.?[\s-]*(\d{{2,}})?{_TIME}\s*", "dMy"),
+    (rf"\s*{_WEEKDAY}((?:{_MONTH_NAMES})[a-z]*)\.?\s+(\d{{1,2}}){_ORDINAL},?(?:\s+(\d{{2,}}))?{_TIME}\s*", "Mdy"),
 ]
+
+
+@lru_cache(maxsize=1)
+def _lenient() -> list[tuple[re.Pattern, str]]:
+    """The forms, compiled on first use (a command that reads no date pays nothing for them)."""
+    return [(re.compile(pattern, re.I), order) for pattern, order in _LENIENT_FORMS]
 
 
 @dataclass(frozen=True)
@@ -188,7 +194,7 @@ class Parsed:
 
 def parse(text: str, today: date) -> Parsed | None:
     """The importer's lenient fallback for the forms it reads unambiguously; None for anything else."""
-    for regex, order in _LENIENT:
+    for regex, order in _lenient():
         match = regex.fullmatch(text)
         if match is None:
             continue
