@@ -8,10 +8,20 @@ filters, the per-row warnings, row-per-reading meter-days, Ruby's dates —
 and adds the comparison the importer lacks: the file's header against
 `header_example`, naming each read column that moved or went missing.
 
+Where the importer drops rows silently, the report counts them as the
+warning that says why they do not import: a row-per-day row with more blank
+half hours than missing_readings_limit, and a row-per-reading meter-day with
+more empty slots than it, are `missing_readings`; a reading overwritten by a
+later one for the same slot is `duplicate_reading`. A blank date is
+`missing_reading_date` alone (the importer adds `invalid_reading_date`: §16
+says one warning per cause). What needs the importer's database (a serial
+number's meter, kWh conversion) or its rarer switches (delayed_reading,
+handle_off_by_one, status columns) is not judged.
+
 It runs in the conversion process on every CSV bound for amr-data, so the
-hot path splits a row once (only as far as the last column read), looks
-each distinct date up once, and checks the 48 readings of a row with list
-and string operations rather than a loop over cells.
+hot path splits a row only as far as it must (up to its readings, when they
+are the last columns read), looks each distinct date up once, and checks the
+48 readings of a row with string operations rather than a loop over cells.
 """
 
 from __future__ import annotations
@@ -214,35 +224,33 @@ class _Layout:
 class _Reader:
     """Rows of a CSV as Ruby's CSV parses them: (first line number, fields); Malformed where it raises.
 
-    Each row comes split `depth` fields deep, its remainder (if any) as one
-    last piece. A line without quotes is split in C; a line with quotes is
-    checked against Ruby's rules and split by the csv module. The first
-    `keep` rows are also kept whole, for the header rows and the header check.
+    A row is split `depth` fields deep, its remainder (if any) as one last
+    piece: a line without quotes in C (`str.split`), a row with quotes by the
+    csv module once it has passed Ruby's rules. The first `keep` rows are read
+    whole first (`read_head`), for the header rows and the header check.
     """
 
     def __init__(self, lines: list[str], sep: str, depth: int, keep: int):
         self.lines, self.sep, self.depth, self.keep = lines, sep, depth, keep
-        self.first: list[tuple[int, list[str]]] = []
+        self.first: list[tuple[int, list[str]]] = []  # (line number, every field) of the first `keep` rows
+        self.ends: list[int] = []  # the line index after each of them
         field_ = rf'"(?:[^"]|"")*"|(?:(?!{re.escape(sep)})[^"])*'
         self._strict = re.compile(rf"(?:{field_})(?:{re.escape(sep)}(?:{field_}))*")
 
-    def __iter__(self) -> Iterator[tuple[int, list[str]]]:
-        lines, sep, depth, n, i = self.lines, self.sep, self.depth, len(self.lines), 0
-        while i < n and len(self.first) < self.keep:
-            start, i, fields = self._row(i)
-            self.first.append((start, fields))
-            yield start, self._cut(fields)
-        while i < n:
-            line = lines[i]
-            i += 1
-            if '"' not in line:
-                yield i, line.split(sep, depth)
-            else:
-                start, i, fields = self._row(i - 1)
-                yield start, self._cut(fields)
+    def read_head(self) -> list[tuple[int, list[str]]]:
+        i = 0
+        while i < len(self.lines) and len(self.first) < self.keep:
+            number, i, fields = self._row(i)
+            self.first.append((number, fields))
+            self.ends.append(i)
+        return self.first
 
-    def _cut(self, fields: list[str]) -> list[str]:
-        return fields if len(fields) <= self.depth + 1 else fields[:self.depth] + [self.sep.join(fields[self.depth:])]
+    def row(self, i: int) -> tuple[int, int, list[str]]:
+        """The row starting at line index i, split `depth` deep: (its line number, the next index, its fields)."""
+        number, after, fields = self._row(i)
+        if len(fields) > self.depth + 1:
+            fields = fields[:self.depth] + [self.sep.join(fields[self.depth:])]
+        return number, after, fields
 
     def _row(self, i: int) -> tuple[int, int, list[str]]:
         """The whole row starting at line index i: (its line number, the next index, all its fields)."""
@@ -307,35 +315,41 @@ def _ruby_csv_error(text: str, sep: str, line: int) -> str:
 
 
 def _data_rows(reader: _Reader, fmt: Format, layout: _Layout, report: Report) -> Iterator[tuple[int, list[str]]]:
-    """Step 1: the header rows skipped, empty and single-field rows dropped, filtered rows counted; the rest."""
-    rows = iter(reader)
+    """Step 1: the header rows skipped, empty and single-field rows dropped, filtered rows counted; the rest.
+
+    One loop over the lines, splitting each as it goes (the hot path: no
+    generator in between)."""
+    first = reader.read_head()
     skip = fmt.number_of_header_rows
+    if skip > len(first):
+        if first:  # the importer: an empty file is simply empty
+            raise Stop(f"Expected {skip} header rows but file has only {len(first)}.")
+        return
     if skip:
-        for _ in range(skip):
-            if next(rows, None) is None:
-                found = len(reader.first)
-                if found:  # the importer: an empty file is simply empty
-                    raise Stop(f"Expected {skip} header rows but file has only {found}.")
-                return
+        start = reader.ends[skip - 1]
     else:
-        first = next(rows, None)
-        if first is None:
-            return
-        if ",".join(reader.first[0][1]) != fmt.header_example:
-            rows = itertools.chain([first], rows)
+        start = reader.ends[0] if first and ",".join(first[0][1]) == fmt.header_example else 0
+    lines, sep, depth = reader.lines, reader.sep, reader.depth
     filters, units = layout.filters, layout.units
     expected_units = fmt.expected_units if fmt.expected_units and fmt.expected_units.strip() else None
-    for line, fields in rows:
+    resume = start
+    for i, line in enumerate(itertools.islice(lines, start, None), start):
+        if i < resume or not line:
+            continue  # within a quoted field's row, or empty
+        if '"' in line:
+            number, resume, fields = reader.row(i)
+        else:
+            number, fields = i + 1, line.split(sep, depth)
         n = len(fields)
-        if n == 0 or n - fields.count("") <= 2 and _one_field(fields, layout.split, reader.sep):
+        if n - fields.count("") <= 2 and _one_field(fields, depth, sep):
             continue
-        if filters and any(i >= n or not fields[i] or rx.search(fields[i]) for i, rx in filters):
+        if filters and any(col >= n or not fields[col] or rx.search(fields[col]) for col, rx in filters):
             report.filtered += 1
             continue
         if expected_units is not None and (fields[units] if units < n else None) != expected_units:
             report.filtered += 1
             continue
-        yield line, fields
+        yield number, fields
 
 
 def _one_field(fields: list[str], depth: int, sep: str) -> bool:
