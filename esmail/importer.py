@@ -27,6 +27,7 @@ are the last columns read), looks each distinct date up once, and checks the
 from __future__ import annotations
 
 import csv
+import functools
 import itertools
 import json
 import re
@@ -236,6 +237,7 @@ class _Reader:
         self.ends: list[int] = []  # the line index after each of them
         field_ = rf'"(?:[^"]|"")*"|(?:(?!{re.escape(sep)})[^"])*'
         self._strict = re.compile(rf"(?:{field_})(?:{re.escape(sep)}(?:{field_}))*")
+        self._head = _quoted_head(sep, depth)
 
     def read_head(self) -> list[tuple[int, list[str]]]:
         i = 0
@@ -246,7 +248,17 @@ class _Reader:
         return self.first
 
     def row(self, i: int) -> tuple[int, int, list[str]]:
-        """The row starting at line index i, split `depth` deep: (its line number, the next index, its fields)."""
+        """The row starting at line index i, split `depth` deep: (its line number, the next index, its fields).
+
+        The usual quoted line (a spreadsheet's text cells: `"2200013680374",2026-11-01,1.5,…`) has its quotes
+        in the fields before the rest: those are read by one match, and the rest, without quotes, is kept whole.
+        """
+        line = self.lines[i]
+        match = self._head.match(line)
+        if match is not None and '"' not in line[match.end():]:
+            groups = match.groups()
+            fields = [plain if quoted is None else quoted.replace('""', '"') for quoted, plain in zip(groups[::2], groups[1::2])]
+            return i + 1, i + 1, fields + [line[match.end():]]
         number, after, fields = self._row(i)
         if len(fields) > self.depth + 1:
             fields = fields[:self.depth] + [self.sep.join(fields[self.depth:])]
@@ -268,6 +280,13 @@ class _Reader:
         if len(self.sep) == 1:
             return i + 1, j, next(csv.reader([text], delimiter=self.sep, quotechar='"', strict=True))
         return i + 1, j, [f[1:-1].replace('""', '"') if f.startswith('"') else f for f in _split_quoted(text, self.sep)]
+
+
+@functools.lru_cache(maxsize=32)
+def _quoted_head(sep: str, depth: int) -> re.Pattern:
+    """The first `depth` fields of a line, each with its separator: quoted as Ruby's CSV allows (group 1), or plain (2)."""
+    plain = f'[^"{re.escape(sep)}]*' if len(sep) == 1 else f'(?:(?!{re.escape(sep)})[^"])*'
+    return re.compile(f'(?:"((?:[^"]|"")*)"|({plain})){re.escape(sep)}' * depth)
 
 
 def _split_quoted(text: str, sep: str) -> list[str]:

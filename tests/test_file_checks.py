@@ -282,7 +282,8 @@ def test_check_a_csv_prints_what_the_importer_makes_of_it(feed_toml, tmp_path):
 
 def test_check_an_xlsx_and_a_zip_with_their_exit_codes(feed_toml, tmp_path):
     """An xlsx with date cells imports (a note; exit 0); a zip holding a good CSV and one whose header changed exits 1,
-    and --json prints both reports; a feed without a format or a missing file is a usage error (exit 2)."""
+    and --json prints both reports; a raw .eml is taken apart as the daemon would; a feed without a format or a
+    missing file is a usage error (exit 2)."""
     cells = {"A1": "MPAN", "B1": "Site", "C1": "Date", "A2": 2200013680374, "B2": "Ecclesall", "C2": date(2026, 11, 1)}
     for i, name in enumerate(TIMES):
         column = get_column_letter(4 + i)
@@ -304,6 +305,11 @@ def test_check_an_xlsx_and_a_zip_with_their_exit_codes(feed_toml, tmp_path):
     reports = json.loads(result.stdout)["files"]
     assert [(r["name"], r["verdict"], r["valid_rows"]) for r in reports] == [("week1/good.csv", "ok", 2), ("week2/changed.csv", "header changed", 0)]
     assert reports[1]["header"]["moved"][0] == {"name": "Date", "expected": 3, "found": 4}
+    mail = tmp_path / "forwarded.eml"
+    mail.write_bytes(message("edf@datafeeds.example.org", good(2)))
+    result = esmail("--config", str(feed_toml), "check", "--feed", "edf", "--json", str(mail))
+    assert result.returncode == 0 and [(r["name"], r["verdict"], r["first_date"]) for r in json.loads(result.stdout)["files"]] == [
+        ("export.csv", "ok", "2026-11-02")]
     unknown = esmail("--config", str(feed_toml), "check", "--feed", "sheffield", str(archive))
     assert unknown.returncode == 2 and "--feed 'sheffield' has no format" in unknown.stderr
     missing = esmail("--config", str(feed_toml), "check", "--feed", "edf", str(tmp_path / "nope.csv"))

@@ -359,3 +359,31 @@ def test_any_text_gets_a_report_and_never_an_error():
         assert type(report).from_dict(json.loads(report.to_json())) == report
 
     run()
+
+
+def test_a_quoted_line_read_the_quick_way_gives_the_fields_rubys_rules_give():
+    """The usual quoted line (quotes only in its first fields) is read by one match; any line, read so, gives the
+    fields the strict reading gives, and a line the strict reading refuses is never read the quick way."""
+    from hypothesis import given, settings, strategies as st
+
+    from esmail.importer import Malformed, _Reader
+
+    field = st.one_of(st.text(alphabet='ab,"; ', max_size=6), st.text(alphabet="ab, ", max_size=4).map(lambda t: f'"{t}"'))
+    line = st.lists(field, min_size=1, max_size=7).map(",".join)
+
+    @settings(max_examples=int(__import__("os").environ.get("ESMAIL_FUZZ_EXAMPLES", "200")) * 5, deadline=None)
+    @given(line, st.integers(min_value=1, max_value=4))
+    def run(text, depth):
+        quick, strict = _Reader([text], ",", depth, 0), _Reader([text], ",", depth, 0)
+        strict._head = __import__("re").compile("(?!)")  # never matches: the strict reading alone
+        try:
+            expected = strict.row(0)
+        except Malformed:
+            expected = None
+        try:
+            found = quick.row(0)
+        except Malformed:
+            found = None
+        assert found == expected, (text, depth)
+
+    run()
