@@ -20,14 +20,15 @@ if TYPE_CHECKING:
     from esmail.history import History
 
 MAX_SHAPES = 20  # header rows remembered per prefix (the oldest forgotten first)
+HEADER_LIMIT = 1 << 16  # bytes of a CSV's start read for its header
 
 
 def header_row(data: bytes) -> list[str]:
     """A CSV's header as names: its first row, with a leading `sep=,` line taken together with the row after it."""
-    lines = data.split(b"\n", 2)
-    first = lines[0].decode("utf-8", "replace")
-    if first.lower().startswith("sep=") and len(lines) > 1:
-        first += "\n" + lines[1].decode("utf-8", "replace")
+    end = data.find(b"\n")
+    if data[:4].lower() == b"sep=" and end >= 0:
+        end = data.find(b"\n", end + 1)
+    first = data[:min(end if end >= 0 else len(data), HEADER_LIMIT)].decode("utf-8", "replace")  # the CSV may be tens of MB
     return [name for row in csv.reader(first.split("\n")) for name in row]
 
 
