@@ -191,7 +191,7 @@ async def test_a_failing_token_endpoint_is_an_outage_and_recovers(config, doveco
         auth.failing = "garbage"
         assert await eventually(lambda: auth.token_requests() >= 3, timeout=20)
         auth.failing = None
-        assert await eventually(lambda: amr_keys(config), timeout=30)
+        assert await eventually(lambda: amr_keys(config), timeout=60)  # the next try after backoff (4 s, 8 s …)
         assert await eventually(lambda: healthz(server)[0] == 200, timeout=10)
     warnings = [r for r in caplog.records if r.name == "esmail.imap" and r.levelno == logging.WARNING]
     assert len(warnings) == 1 and "the token endpoint" in warnings[0].getMessage()

@@ -184,7 +184,8 @@ class SqliteHistory(History):
             conn.execute("PRAGMA query_only = 1")
             return function(_Db(conn))
         except sqlite3.Error as exc:  # damaged, or older than this esmail: the writer sets it aside or migrates it
-            log.warning("cannot read the history %s: %s", self.path, exc)
+            if not str(exc).startswith("no such table"):  # else: made a moment ago, its tables not yet (the first start)
+                log.warning("cannot read the history %s: %s", self.path, exc)
             return None
         finally:
             conn.close()
