@@ -56,6 +56,7 @@ class Request:
     helo: str = ""
     mail_from: str = ""
     trusted_authserv_id: str = ""  # IMAP: the provider whose SPF and DMARC results are believed
+    dns_down: str = ""  # DNS is known not to answer now (dns_health): look nothing up, say temperror
 
 
 @dataclass(frozen=True)
@@ -64,6 +65,7 @@ class Authentication:
     from_address: str  # the header From address, lower-case; "" unless there is exactly one
     authenticated: bool  # DMARC's pass condition
     trouble: str = ""  # why `authenticated` may change on a later try (DNS trouble); "" when final
+    dns_trouble: str = ""  # every lookup that got no answer, whether or not it changed the verdict
 
     @property
     def summary(self) -> str:
@@ -112,7 +114,7 @@ def authenticate_and_convert(path: Path, request: Request, ascii_only: bool, lin
 
 
 def authenticate(raw: bytes, request: Request) -> Authentication:
-    lookups = Lookups(request.dns)
+    lookups = Lookups(request.dns, request.dns_down)
     troubles: list[str] = []
     headers = mail.parse_headers(raw)
     from_address = _single_from(headers)
@@ -152,7 +154,7 @@ def authenticate(raw: bytes, request: Request) -> Authentication:
 
     authserv_id = request.authserv_id or _host_name()
     header = f"{HEADER}: {authserv_id};" + ";".join(f"\r\n\t{result}" for result in results)
-    return Authentication(header, from_address, authenticated, "; ".join(troubles) if not authenticated else "")
+    return Authentication(header, from_address, authenticated, "; ".join(troubles) if not authenticated else "", "; ".join(troubles))
 
 
 @functools.cache

@@ -419,6 +419,7 @@ async def _check_config(config: Config, args) -> int:
     import asyncio
 
     from esmail import history, resolver
+    from esmail.dns_health import probe_name
     from esmail.imap import count_messages, describe, login_for
     from esmail.store import open_store
 
@@ -449,7 +450,7 @@ async def _check_config(config: Config, args) -> int:
         print(f"FAILED  history {config.history.url or config.spool.path}: {str(exc).strip()}")
         status = 1
     if config.feeds:
-        name = _probe_name(config)
+        name = probe_name(config)
         try:
             print(f"ok      dns: {await asyncio.to_thread(resolver.probe, config.dns, name)}")
         except resolver.DnsTrouble as exc:
@@ -497,16 +498,6 @@ def _check_tls(config: Config) -> str | None:
     expires = certificate_expiry(config.smtp.tls_cert)
     until = f", valid until {datetime.fromtimestamp(expires, timezone.utc):%Y-%m-%d %H:%M} UTC" if expires else ""
     return f"ok      tls: {config.smtp.tls_cert} and its key load{until}"
-
-
-def _probe_name(config: Config) -> str:
-    """A name worth asking the resolver about: a feed sender's domain, else a feed domain of ours."""
-    for feed in config.feeds:
-        for glob in feed.senders:
-            domain = glob.rpartition("@")[2].removeprefix("*.")
-            if not any(c in domain for c in "*?[]"):
-                return domain
-    return config.smtp.domains[0] if config.smtp.domains else "example.org"
 
 
 def _send(config: Config, args) -> int:

@@ -44,7 +44,12 @@ class Daemon:
         self.spool = Spool(config.spool.path, config.spool.min_free)
         self.store = open_store(config)
         self.history = open_history(config)
-        self.worker = Worker(config, self.spool, self.store, processes=True, history=self.history)
+        self.dns = None  # whether DNS answers now: looked up only where feeds are declared (DESIGN §12)
+        if config.feeds:
+            from esmail.dns_health import DnsHealth, probe_name
+
+            self.dns = DnsHealth(config.dns, probe_name(config))
+        self.worker = Worker(config, self.spool, self.store, processes=True, history=self.history, dns=self.dns)
         self.scheduler = Scheduler(self.worker)
         self.committer = GroupCommit(self.spool)
         self.smtp: SmtpServer | Receivers | None = None
@@ -75,6 +80,7 @@ class Daemon:
         housekeeping = asyncio.create_task(self._housekeeping())
         watching = asyncio.create_task(self._watch_feeds())
         requests = asyncio.create_task(self._take_requests())
+        dns = asyncio.create_task(self.dns.watch()) if self.dns is not None else None
         heartbeat = None
         self._loop = asyncio.get_running_loop()
         watchers = ThreadPoolExecutor(max(len(self.mailboxes), 1), thread_name_prefix="imap")
@@ -109,6 +115,8 @@ class Daemon:
             remembering.cancel()
             watching.cancel()
             requests.cancel()
+            if dns is not None:
+                dns.cancel()
             scheduler.cancel()
             if not await self.scheduler.finish(WORKER_GRACE):
                 log.warning("entries still in progress stay in the spool for the next start")

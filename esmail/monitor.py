@@ -53,12 +53,16 @@ class Monitor:
         return web.json_response({"status": "ok", **({"notes": notes} if notes else {})})
 
     def notes(self) -> list[str]:
-        """What is wrong but does not stop mail: the history's database away (rows wait in the spool)."""
+        """What is wrong but does not stop mail: the history's database away (rows wait in the spool); DNS not answering
+        (feeds that need no sender check take their mail without it)."""
+        found = []
         history = self.daemon.history
         problem, waiting = history.problem(), history.backlog()
-        if problem is None:
-            return []
-        return [f"history: unreachable ({waiting} row{'' if waiting == 1 else 's'} waiting): {problem}"]
+        if problem is not None:
+            found.append(f"history: unreachable ({waiting} row{'' if waiting == 1 else 's'} waiting): {problem}")
+        if self.daemon.dns is not None and self.daemon.dns.problem():
+            found.append(self.daemon.dns.problem())
+        return found
 
     def problems(self) -> list[str]:
         """What stops esmail from taking mail and storing it now (empty: healthy)."""

@@ -24,6 +24,10 @@ class DnsTrouble(Exception):
     """A lookup got no answer (SERVFAIL, REFUSED, timeout, the budget spent): try again later."""
 
 
+class DnsTimeout(DnsTrouble):
+    """No answer at all within the budget: the resolver is away (or unreachable)."""
+
+
 @functools.lru_cache(maxsize=8)
 def _resolver(config: DnsConfig) -> dns.resolver.Resolver:
     """The resolver of a conversion process, with a cache of its own: a feed's sender domain is asked about again
@@ -37,24 +41,35 @@ def _resolver(config: DnsConfig) -> dns.resolver.Resolver:
     return resolver
 
 
-class Lookups:
-    """The lookups of one message: every query shares `[dns] timeout`."""
+def nameservers(config: DnsConfig) -> str:
+    """The resolvers asked, for people: `127.0.0.1:53`, or the system's."""
+    if config.nameservers:
+        return ", ".join(map(str, config.nameservers))
+    return ", ".join(f"{server}:53" for server in _resolver(config).nameservers) + " (the system resolver)"
 
-    def __init__(self, config: DnsConfig):
+
+class Lookups:
+    """The lookups of one message: every query shares `[dns] timeout`. `down`: DNS is known not to answer now
+    (dns_health): every query is DnsTrouble at once, saying so, rather than a wait."""
+
+    def __init__(self, config: DnsConfig, down: str = ""):
         self.resolver = _resolver(config)
         self.deadline = time.monotonic() + config.timeout
+        self.down = down
 
     def query(self, name: str, rdtype: str) -> list:
         """The records of a type at a name ([] when there are none); DnsTrouble when DNS does not answer."""
+        if self.down:
+            raise DnsTrouble(f"{name} {rdtype}: not asked ({self.down})")
         remaining = self.deadline - time.monotonic()
         if remaining <= 0:
-            raise DnsTrouble(f"{name} {rdtype}: the [dns] timeout for this message is spent")
+            raise DnsTimeout(f"{name} {rdtype}: the [dns] timeout for this message is spent")
         try:
             answer = self.resolver.resolve(name, rdtype, lifetime=remaining, search=False, raise_on_no_answer=False)
         except (dns.resolver.NXDOMAIN, dns.resolver.NoAnswer):
             return []
         except dns.exception.Timeout:
-            raise DnsTrouble(f"{name} {rdtype}: no answer within the [dns] timeout") from None
+            raise DnsTimeout(f"{name} {rdtype}: no answer within the [dns] timeout") from None
         except dns.exception.DNSException as exc:  # NoNameservers (SERVFAIL, REFUSED), YXDOMAIN, bad names
             raise DnsTrouble(f"{name} {rdtype}: {exc}") from None
         return list(answer)

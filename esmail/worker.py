@@ -36,6 +36,7 @@ from esmail.store import Store
 
 if TYPE_CHECKING:  # the checks themselves (dkimpy, pyspf, dnspython) are imported only where feeds are declared
     from esmail.authentication import Authentication
+    from esmail.dns_health import DnsHealth
     from esmail.feeds import Refusal
 
 log = logging.getLogger(__name__)
@@ -64,11 +65,13 @@ class Stored:
 class Worker:
     """Processes spool entries; with `processes=True` the conversions run in a pool of its own."""
 
-    def __init__(self, config: Config, spool: Spool, store: Store, processes: bool = False, history: History | None = None):
+    def __init__(self, config: Config, spool: Spool, store: Store, processes: bool = False, history: History | None = None,
+                 dns: DnsHealth | None = None):
         self.config = config
         self.spool = spool
         self.store = store
         self.history = history
+        self.dns = dns  # whether DNS answers now (the daemon's); None: always ask it
         self.executor: ProcessPoolExecutor | None = self._new_pool() if processes else None
         self.outage = Outage(lambda: store.check(config.buckets.named(INBOX)))
         self.waiting_for_store: set[str] = set()  # entries whose last attempt failed on the store: woken when it works again
@@ -258,11 +261,16 @@ class Worker:
         if state.authentication is not None:
             return Authentication(**state.authentication), None
         smtp = envelope.origin == "smtp"
-        request = Request(self.config.dns, self.config.smtp.hostname, client=envelope.client if smtp else "",
+        needs = any(feed is not None and feed.authenticated for feed in map(self.config.feed, envelope.folders))
+        dns, dns_down = self.dns.for_message(needs) if self.dns is not None else (self.config.dns, "")
+        request = Request(dns, self.config.smtp.hostname, client=envelope.client if smtp else "",
                           helo=envelope.helo if smtp else "", mail_from=envelope.sender if smtp else "",
-                          trusted_authserv_id=envelope.trusted_authserv_id)
-        return await self._in_pool(alone, authenticate_and_convert, entry.path, request, self.config.csv.ascii_only,
-                                   self.config.links.patterns, self.config.formats_for(envelope.folders))
+                          trusted_authserv_id=envelope.trusted_authserv_id, dns_down=dns_down)
+        auth, converted = await self._in_pool(alone, authenticate_and_convert, entry.path, request, self.config.csv.ascii_only,
+                                              self.config.links.patterns, self.config.formats_for(envelope.folders))
+        if self.dns is not None and not dns_down:
+            self.dns.heard(auth.dns_trouble)
+        return auth, converted
 
     def _judge(self, envelope: Envelope, auth: Authentication | None) -> dict[str, Refusal]:
         """The prefixes whose feed refuses the message (TemporaryFailure when DNS trouble leaves that open)."""

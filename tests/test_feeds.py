@@ -7,6 +7,7 @@ need comes from the DNS server the suite starts on loopback.
 from __future__ import annotations
 
 import json
+import re
 import subprocess
 import urllib.request
 import sys
@@ -316,6 +317,45 @@ async def test_servfail_for_a_dkim_key_is_temperror_not_fail(config, dns):
     assert list(objects(config, "amr_data").keys())[0].startswith("open/")
     results = inbox_copy(config, open_id, "open").decode()
     assert "dkim=temperror header.d=sheffield.gov.uk" in results and "dkim=fail" not in results
+
+
+@local
+async def test_dns_down_holds_up_no_open_feed_and_the_page_says_since_when(config, dns):
+    """With the resolver gone ([dns] timeout 10 s), once the daemon has found it silent: /, every page and /healthz say
+    `DNS: no answer from 127.0.0.1:PORT since HH:MM UTC`; six messages to a feed without senders are stored well within
+    one timeout (their Authentication-Results say temperror), although one to a feed that needs an authenticated sender
+    came first and waits in the queue, retried; when DNS answers again the banner goes and that one lands."""
+    from test_web import Browser
+
+    outage = DnsServer()
+    for (name, rtype), records in dns.zones.records.items():
+        outage.zones.records[(name, rtype)] = records
+    outage.start()
+    outage.stop()
+    anyone = FeedConfig("open")
+    config = replace(feeds(config, outage, SHEFFIELD, anyone), dns=replace(outage.config, timeout=10.0),
+                     http=HttpConfig(listen=Address("127.0.0.1", 0)))
+    with RunningDaemon(config) as server:
+        browser = Browser(server)
+        banner = rf"DNS: no answer from 127\.0\.0\.1:{outage.port} since \d\d:\d\d UTC"
+        assert await eventually(lambda: re.search(banner, browser.get("/")), timeout=30)
+        assert re.search(banner, browser.get("/messages")) and re.fullmatch(banner, browser.json("/healthz")["notes"][0])
+        assert browser.json("/healthz")["status"] == "ok"
+        held = send(server, signed(message(), dns, "sheffield.gov.uk"), "reports@sheffield.gov.uk")
+        opened = [send(server, message(to=f"open@{DOMAIN}", subject=f"open {n}"), "reports@sheffield.gov.uk", f"open@{DOMAIN}")
+                  for n in range(6)]
+        assert await eventually(lambda: len(objects(config, "amr_data", "open/")) == 6, timeout=8)  # less than one [dns] timeout
+        assert "temperror" in inbox_copy(config, opened[0], "open").decode()
+        assert await eventually(lambda: server.spool.read_state(held).attempts >= 1)
+        assert server.spool.pending() == [held] and server.spool.quarantined_ids() == []
+        assert "cannot authenticate the sender reports@sheffield.gov.uk now" in server.spool.read_state(held).last_error
+        outage.start()
+        try:
+            assert await eventually(lambda: "DNS:" not in browser.get("/"), timeout=30)
+            assert "notes" not in browser.json("/healthz")
+            assert await eventually(lambda: objects(config, "amr_data", "sheffield/"), timeout=60)
+        finally:
+            outage.stop()
 
 
 def esmail(toml, *args):

@@ -132,7 +132,8 @@ class Views:
     def _render(self, request: web.Request, template: str, **context) -> web.Response:
         html = self.templates.get_template(template).render(
             stage=self.config.stage, csrf_field=CSRF_FIELD, csrf=csrf_token(request), note=NOTES.get(request.query.get("done", "")),
-            history_problem=self.history.problem(), history_backlog=self.history.backlog(), this_host=self.history.host, **context)
+            history_problem=self.history.problem(), history_backlog=self.history.backlog(), this_host=self.history.host,
+            dns_problem=self.daemon.dns.problem() if self.daemon.dns is not None else None, **context)
         return web.Response(text=html, content_type="text/html", charset="utf-8")
 
     async def _message(self, request: web.Request) -> dict:
