@@ -602,7 +602,7 @@ def _spool_release(config: Config, args) -> int:
         print(f"esmail spool release: not in {spool.quarantine_dir}: {', '.join(missing)} (see `esmail spool list`)", file=sys.stderr)
         return 1
     try:
-        released = spool.release(args.ids)
+        released = spool.release(args.ids, by=_command_user("release"))
     except FileExistsError as exc:
         print(f"esmail spool release: {exc} is still being processed; try again in a minute", file=sys.stderr)
         return 1
@@ -611,6 +611,13 @@ def _spool_release(config: Config, args) -> int:
             print(f"released {envelope.id} for {prefix} (was: {reason})")
     print("a running esmail serve or poll takes them within a minute")
     return 0
+
+
+def _command_user(action: str) -> str:
+    """Who retried or released an entry from the command line, as the page shows it: `root, esmail spool retry`."""
+    from esmail.spool import user_name
+
+    return f"{user_name()}, esmail spool {action}"
 
 
 def _spool_retry(config: Config, args) -> int:
@@ -622,7 +629,7 @@ def _spool_retry(config: Config, args) -> int:
     if missing:
         print(f"esmail spool retry: not in {spool.failed}: {', '.join(missing)} (see `esmail spool list`)", file=sys.stderr)
         return 1
-    moved = spool.retry(args.ids or None)
+    moved = spool.retry(args.ids or None, by=_command_user("retry"))
     if not moved:
         print("no failed entries to retry")
         return 0

@@ -39,14 +39,15 @@ class Converted:
     inline_images: int  # skipped: signature logos are not data
     summary: dict[str, str] = field(default_factory=dict)  # mail.summary: read here, where the message is parsed anyway
     checks: dict[str, dict[str, Report]] = field(default_factory=dict)  # prefix → CSV name → what the importer makes of it
+    attachments: tuple[tuple[str, int], ...] = ()  # the files as the message carried them: (name, bytes), for the page
 
     def __reduce__(self):
         """Leaving a conversion process, an output over 1 MB goes through a file in the spool's tmp/:
         through the pool's pipe the daemon would hold it twice (the pipe's buffer, then the bytes)."""
         if _spill_dir is None:
-            return Converted, (self.outputs, self.links, self.inline_images, self.summary, self.checks)
+            return Converted, (self.outputs, self.links, self.inline_images, self.summary, self.checks, self.attachments)
         outputs = [_spill(out) if len(out.data) > SPILL_OVER else (None, out) for out in self.outputs]
-        return _unspill, (outputs, self.links, self.inline_images, self.summary, self.checks)
+        return _unspill, (outputs, self.links, self.inline_images, self.summary, self.checks, self.attachments)
 
 
 def _spill(out: Output) -> tuple[str | None, Output]:
@@ -65,7 +66,7 @@ def _spill(out: Output) -> tuple[str | None, Output]:
 
 
 def _unspill(outputs: list[tuple[str | None, Output]], links: list[str], inline_images: int, summary: dict[str, str],
-             checks: dict) -> Converted:
+             checks: dict, attachments: tuple[tuple[str, int], ...] = ()) -> Converted:
     """In the daemon: each spilled output read back (one copy) and its file removed."""
     taken = []
     for path, out in outputs:
@@ -75,7 +76,7 @@ def _unspill(outputs: list[tuple[str | None, Output]], links: list[str], inline_
             finally:
                 os.unlink(path)
         taken.append(out)
-    return Converted(taken, links, inline_images, summary, checks)
+    return Converted(taken, links, inline_images, summary, checks, attachments)
 
 
 def convert(raw: bytes, ascii_only: bool = False, link_patterns: tuple[str, ...] = (),
@@ -93,7 +94,8 @@ def convert(raw: bytes, ascii_only: bool = False, link_patterns: tuple[str, ...]
     if len(files) > MAX_FILES:
         return _whole_message(raw, f"{len(files):,} attached files, over the limit of {MAX_FILES:,}")
     del raw  # not held while the files are converted (convert_entry's caller keeps no copy)
-    return replace(convert_files(files, ascii_only, formats, found_links, inline_images), summary=summary)
+    return replace(convert_files(files, ascii_only, formats, found_links, inline_images), summary=summary,
+                   attachments=tuple((name, len(data)) for name, data in files))
 
 
 def convert_entry(path: Path, ascii_only: bool = False, link_patterns: tuple[str, ...] = (),

@@ -152,9 +152,12 @@ class Daemon:
         pruned_at = 0.0
         while True:
             for envelope in await asyncio.to_thread(self.spool.drop_quarantined, self.config.spool.quarantine_days):
+                reasons = "; ".join(f"{p}: {r}" for p, r in envelope.held.items())
                 log.info("%s: dropped from quarantine after %g days (%s); its inbox copy stays", envelope.id,
-                         self.config.spool.quarantine_days, "; ".join(f"{p}: {r}" for p, r in envelope.held.items()),
-                         extra={"spool_id": envelope.id, "prefixes": list(envelope.held)})
+                         self.config.spool.quarantine_days, reasons, extra={"spool_id": envelope.id, "prefixes": list(envelope.held)})
+                await self.history.dropped(envelope.id, list(envelope.held),
+                                           f"dropped from quarantine after {self.config.spool.quarantine_days:g} days, never released "
+                                           f"({reasons}); its inbox copy stays")
             if time.monotonic() - pruned_at >= 86400 or not pruned_at:
                 pruned_at = time.monotonic()
                 await self.history.prune(self.config.history.keep_days)
@@ -209,33 +212,33 @@ class Daemon:
             await waiting.wait()
             waiting.clear()
             for request in await asyncio.to_thread(self.history.requests):
-                by = f"{request['by']} on {request['requested_from']}"
                 try:
-                    outcome = await self.act(request["id"], request["action"], by)
+                    outcome = await self.act(request["id"], request["action"], request["by"], f" on {request['requested_from']}")
                 except ActionRefused as exc:
                     outcome = f"not done: {exc}"
                 await self.history.done(request["seq"], outcome)
 
-    async def act(self, entry_id: str, action: str, by: str) -> str:
-        """Retry a failed entry or release a quarantined one, for a person (`by`): back to the queue and to the worker at once.
+    async def act(self, entry_id: str, action: str, by: str, where: str = ", on the page") -> str:
+        """Retry a failed entry or release a quarantined one, for a person (`by`, the page's user name; `where` they
+        asked, for the log): back to the queue and to the worker at once, and `by` into the outcome it comes to.
         What came of it, for people; ActionRefused when the entry is not where the action needs it."""
         spool = self.spool
         if action == "retry":
             if entry_id not in await asyncio.to_thread(spool.failed_ids):
                 raise ActionRefused(f"{entry_id} is not waiting in failed/ on {self.history.host} (already retried?)")
-            await asyncio.to_thread(spool.retry, [entry_id])
+            await asyncio.to_thread(spool.retry, [entry_id], by)
             outcome = "queued again: the worker takes it now"
         elif action == "release":
             if entry_id not in await asyncio.to_thread(spool.quarantined_ids):
                 raise ActionRefused(f"{entry_id} is not waiting in quarantine/ on {self.history.host} (already released?)")
             try:
-                await asyncio.to_thread(spool.release, [entry_id])
+                await asyncio.to_thread(spool.release, [entry_id], by)
             except FileExistsError:
                 raise ActionRefused(f"{entry_id} is still being processed; try again in a moment") from None
             outcome = "released: processed now as if its feed had let it through"
         else:
             raise ActionRefused(f"no such action: {action}")
-        log.info("%s: %s by %s", entry_id, "retried" if action == "retry" else "released", by, extra={"spool_id": entry_id})
+        log.info("%s: %s by %s%s", entry_id, "retried" if action == "retry" else "released", by, where, extra={"spool_id": entry_id})
         self.scheduler.submit(entry_id)
         return outcome
 

@@ -67,6 +67,9 @@ class EntryState:
     crashes: int = 0  # conversions of this entry that killed their process
     authentication: dict | None = None  # the final results, so that a replay stores the same inbox copy
     inbox_header: str | None = None  # the Authentication-Results a give-up stored the inbox copy with ("": none); reused
+    tries: list[dict] = field(default_factory=list)  # each failed attempt: {"at", "step", "error", "stored"} (the page shows them)
+    attachments: list[dict] = field(default_factory=list)  # the files it carried, as its conversion found them: {"name", "bytes"}
+    by: str = ""  # who retried or released it (the history's outcome says so)
 
 
 @dataclass
@@ -250,8 +253,10 @@ class Spool:
         return 0.0
 
     def _envelope_for(self, received: datetime | None, prefixes: list[str], fields: dict) -> Envelope:
-        received = (received or datetime.now(timezone.utc)).replace(microsecond=0)
-        entry_id = fields.pop("entry_id", None) or f"{received:%Y%m%d-%H%M%S}-{secrets.token_hex(4)}"
+        arrived = received or datetime.now(timezone.utc)
+        received = arrived.replace(microsecond=0)
+        # the microsecond after the second: ids (and so the queue and the page) keep the order messages arrived in
+        entry_id = fields.pop("entry_id", None) or f"{received:%Y%m%d-%H%M%S}-{arrived.microsecond:06d}{secrets.token_hex(3)}"
         with self._lock:
             folders = {prefix: self._allocate(prefix, received) for prefix in dict.fromkeys(prefixes)}
         return Envelope(entry_id, received.isoformat(), folders, **{**fields, "recipients": tuple(fields.get("recipients", ()))})
@@ -319,11 +324,14 @@ class Spool:
         entry.state.inbox_header = header
         self._write_state(entry.id, entry.state)
 
-    def record_attempt(self, entry: Entry, error: str, crashed: bool = False) -> EntryState:
+    def record_attempt(self, entry: Entry, error: str, crashed: bool = False, step: str = "", stored: list[dict] = ()) -> EntryState:
+        """A failed attempt: counted, and kept with when, what it was doing (`step`), its error and what it had stored."""
         state = entry.state
         state.attempts += 1
         state.crashes += crashed
         state.last_error = error
+        state.tries.append({"at": datetime.now(timezone.utc).replace(microsecond=0).isoformat(), "step": step, "error": error,
+                            "stored": list(stored)})
         self._write_state(entry.id, state)
         return state
 
@@ -348,15 +356,15 @@ class Spool:
         os.rename(self.queue / (entry_id + SUFFIX), self.failed / (entry_id + SUFFIX))
         fsync_dir(self.failed)
 
-    def retry(self, entry_ids: list[str] | None = None) -> list[str]:
-        """Move failed entries (all, or those named) back to the queue; return the ids moved."""
+    def retry(self, entry_ids: list[str] | None = None, by: str = "") -> list[str]:
+        """Move failed entries (all, or those named) back to the queue, for `by`; return the ids moved."""
         moved = []
         for entry_id in entry_ids or self.failed_ids():
             source = self.failed / (entry_id + SUFFIX)
             if not source.exists():
                 raise KeyError(entry_id)
             state = self.read_state(entry_id)  # a new count of attempts; the inbox copy's results stay, for one copy
-            self._write_state(entry_id, EntryState(authentication=state.authentication, inbox_header=state.inbox_header))
+            self._write_state(entry_id, EntryState(authentication=state.authentication, inbox_header=state.inbox_header, by=by))
             (self.failed / f"{entry_id}.reason").unlink(missing_ok=True)
             os.rename(source, self.queue / (entry_id + SUFFIX))
             moved.append(entry_id)
@@ -378,8 +386,8 @@ class Spool:
             tmp.unlink(missing_ok=True)
             raise self.failure(exc) from exc
 
-    def release(self, entry_ids: list[str]) -> list[Envelope]:
-        """Move quarantined entries back to the queue, to be processed as if they had passed; their envelopes.
+    def release(self, entry_ids: list[str], by: str = "") -> list[Envelope]:
+        """Move quarantined entries back to the queue, for `by`, to be processed as if they had passed; their envelopes.
         KeyError for an id not in quarantine/; FileExistsError while the original is still queued."""
         for entry_id in entry_ids:
             if not (self.quarantine_dir / (entry_id + SUFFIX)).exists():
@@ -388,6 +396,7 @@ class Spool:
                 raise FileExistsError(entry_id)
         released = [self.envelope(entry_id, self.quarantine_dir) for entry_id in entry_ids]
         for entry_id in entry_ids:
+            self._write_state(entry_id, EntryState(by=by))
             os.rename(self.quarantine_dir / (entry_id + SUFFIX), self.entry_path(entry_id))
         fsync_dir(self.queue)
         return released

@@ -9,6 +9,7 @@ message processed twice (a crash, a replay) yields the same objects once.
 from __future__ import annotations
 
 import asyncio
+import contextvars
 import logging
 import multiprocessing
 import os
@@ -50,6 +51,9 @@ IN_FLIGHT = 32  # entries the scheduler runs at once (their conversions wait for
 IN_FLIGHT_BYTES = 64 << 20  # and the size of their messages together; a bigger message runs once it is alone
 BATCH = 16  # small messages that wait for the pool go to a process together (the trip costs more than converting one)
 BATCH_BYTES = 1 << 20  # ... as long as they come to no more than this together
+# What an attempt is doing and what it has stored so far, kept with its error when it fails (the page shows them)
+STEP: contextvars.ContextVar[str] = contextvars.ContextVar("step", default="")
+STORED: contextvars.ContextVar[list | None] = contextvars.ContextVar("stored", default=None)
 
 
 @dataclass(frozen=True)
@@ -110,6 +114,7 @@ class Worker:
             entry = self.spool.entry(entry)
         entry_id, envelope, state = entry.id, entry.envelope, entry.state
         alone = state.crashes > 0  # a suspect: converted in a process of its own
+        STEP.set("authenticating the sender (SPF, DKIM, DMARC)")
         auth, converted = await self._authenticate(entry, alone)
         refused = self._judge(envelope, auth)
         if auth is not None and state.authentication is None and not envelope.held:  # final now: a replay stores the same copy
@@ -118,6 +123,7 @@ class Worker:
         if envelope.folders and not passing:  # every feed refused it: nothing to convert
             converted = Converted([], [], 0)
         elif converted is None:  # not converted on the way (see _authenticate)
+            STEP.set("converting the attachments")
             try:
                 with metrics.CONVERSION.time():
                     converted = await self._convert(entry, alone)
@@ -125,10 +131,12 @@ class Worker:
                 raise
             except Exception as exc:  # the message itself broke the parser: keep it whole, in failed/ too
                 return await self._give_up(entry, f"cannot process the message: {type(exc).__name__}: {exc}", started)
+        state.attachments = [{"name": name, "bytes": size} for name, size in converted.attachments]
         raw = self.spool.message(entry)  # for the inbox copy, read only now: the conversion read its own
         copy = inbox_copy(raw, state, auth)
         outputs, checks = converted.outputs, converted.checks
         if converted.links and passing:
+            STEP.set("downloading the files its links point to")
             downloaded = await self._in_pool(alone, convert_files, await self._download(envelope, converted.links),
                                              self.config.csv.ascii_only, self.config.formats_for(envelope.folders))
             outputs, checks = downloaded.outputs, downloaded.checks
@@ -154,6 +162,7 @@ class Worker:
                     log.warning("%s: %s/%s/%s is unprocessable: %s", entry_id, prefix, folder, out.name, out.reason)
                     report.problem("a file went to unprocessable", "warning", prefix=prefix, key=stored.key,
                                    reason=out.reason, spool_id=entry_id)
+        STEP.set("moving it on in the spool")
         if refused:
             self.spool.quarantine(entry, raw, {prefix: str(refusal) for prefix, refusal in refused.items()}, auth.header)
             for prefix, refusal in refused.items():
@@ -169,7 +178,7 @@ class Worker:
         reasons = "; ".join(f"{prefix}: {refusal}" for prefix, refusal in refused.items())
         if envelope.held:  # the history says what was overridden, as the log does
             reasons = "; ".join(f"{prefix}: released by an operator, overriding: {why}" for prefix, why in envelope.held.items())
-        await self._record(envelope, raw, history.RELEASED if envelope.held else outcome, started, state.attempts + 1, files,
+        await self._record(entry, raw, history.RELEASED if envelope.held else outcome, started, state.attempts + 1, files,
                            {prefix: history.QUARANTINED if prefix in refused else history.STORED for prefix in envelope.folders},
                            auth, reasons, converted.summary)
         return [Stored(f.bucket, f.key, f.bytes) for f in files]
@@ -232,17 +241,20 @@ class Worker:
                                    "the importer would not read it as configured", prefix=prefix, key=f"{folder}/{name}",
                                    verdict=checked.verdict, reason=checked.summary(), spool_id=envelope.id)
 
-    async def _record(self, envelope: Envelope, raw: bytes, outcome: str, started: float, attempts: int, files: list[FileRow],
+    async def _record(self, entry: Entry, raw: bytes, outcome: str, started: float, attempts: int, files: list[FileRow],
                       prefixes: dict[str, str], auth: Authentication | None = None, reason: str = "", summary: dict[str, str] | None = None) -> None:
-        """One outcome into the history (when there is one); it never holds a message up. `summary`: mail.summary
-        of the message, when the conversion read it."""
+        """One outcome into the history (when there is one), with the attempts that failed before it, the attachments
+        as received and who had it retried or released; it never holds a message up. `summary`: mail.summary of the
+        message, when the conversion read it."""
         if self.history is None:
             return
+        envelope, state = entry.envelope, entry.state
         await self.history.record(history.Finished(
             envelope.id, envelope.received, envelope.origin, outcome, prefixes or {NO_PREFIX: outcome}, client=envelope.client,
             helo=envelope.helo, mail_from=envelope.sender, **(summary or mail.summary(mail.parse_headers(raw))), size=len(raw),
             authentication=auth.header if auth is not None else "", reason=reason, attempts=attempts,
-            seconds=round(time.monotonic() - started, 3), files=files))
+            seconds=round(time.monotonic() - started, 3), files=files, by=state.by, tries=list(state.tries),
+            attachments=[history.Attached(**a) for a in state.attachments]))
 
     async def _authenticate(self, entry: Entry, alone: bool) -> tuple[Authentication | None, Converted | None]:
         """SPF, DKIM and DMARC of the message (DESIGN §12), once feeds are declared; None when none are (no DNS at all).
@@ -382,6 +394,8 @@ class Worker:
             entry = self.spool.entry(entry_id)  # read once, carried through the attempt
         except FileNotFoundError:  # finished meanwhile by another process (`esmail ingest`), or moved by `spool retry`
             return None
+        STEP.set("waiting for the store (it was failing)")
+        STORED.set([])
         try:
             await self.outage.wait_until_up()  # while the store is down, one probe decides for every entry
             await self.process(entry)
@@ -393,7 +407,8 @@ class Worker:
                 log.exception("%s: unexpected error", entry_id)
                 report.exception("unexpected error while processing a spool entry", spool_id=entry_id)
             crashed = isinstance(exc, ConversionCrashed)
-            state = self.spool.record_attempt(entry, f"{type(exc).__name__}: {exc}" if not isinstance(exc, TemporaryFailure) else str(exc), crashed)
+            state = self.spool.record_attempt(entry, f"{type(exc).__name__}: {exc}" if not isinstance(exc, TemporaryFailure) else str(exc),
+                                              crashed, STEP.get(), list(STORED.get()))
             if state.crashes >= MAX_CRASHES:
                 await self._give_up(entry, CRASHED)
                 return None
@@ -435,7 +450,7 @@ class Worker:
         self.spool.fail(entry, reason)
         metrics.MESSAGES.labels("failed").inc()
         self._log_message(envelope, len(raw), "failed", started, objects=len(files))
-        await self._record(envelope, raw, history.FAILED, started, max(attempts, 1), files,
+        await self._record(entry, raw, history.FAILED, started, max(attempts, 1), files,
                            {prefix: history.FAILED for prefix, _ in self._places(envelope)}, reason=reason)
         return [Stored(f.bucket, f.key, f.bytes) for f in files]
 
@@ -449,6 +464,7 @@ class Worker:
     async def _put(self, entry_id: str, logical: str, key: str, data: bytes, content_type: str, rule: str = "") -> Stored:
         """Store one object, and log it with the rule that routed it."""
         bucket = self.config.buckets.named(logical)
+        STEP.set(f"storing {key.rsplit('/', 1)[-1]} in {bucket}")
         try:
             written = await self.store.put(bucket, key, data, content_type)
         except StorageFailure as exc:  # NeedsFixing: as it is, for the log and Rollbar
@@ -465,16 +481,19 @@ class Worker:
         log.info("%s: %s %s/%s, %d bytes%s", entry_id, "stored" if written.new else "already stored", bucket, written, len(data),
                  f" ({rule})" if rule else "",
                  extra={"spool_id": entry_id, "bucket": bucket, "key": str(written), "bytes": len(data), "rule": rule})
+        if (stored := STORED.get()) is not None:
+            stored.append({"bucket": bucket, "key": str(written), "bytes": len(data)})
         return Stored(bucket, str(written), len(data))
 
     async def process_with_retries(self, entry_id: str, attempts: int, first_delay: float = 1.0) -> list[Stored]:
         """`process`, retried with exponential backoff on temporary failures; the last failure is raised."""
         for attempt in range(1, attempts + 1):
             entry = self.spool.entry(entry_id)
+            STORED.set([])
             try:
                 return await self.process(entry)
             except TemporaryFailure as exc:
-                state = self.spool.record_attempt(entry, str(exc), isinstance(exc, ConversionCrashed))
+                state = self.spool.record_attempt(entry, str(exc), isinstance(exc, ConversionCrashed), STEP.get(), list(STORED.get()))
                 log.warning("%s: attempt %d failed: %s", entry_id, state.attempts, exc)
                 if state.crashes >= MAX_CRASHES:
                     return await self._give_up(entry, CRASHED)

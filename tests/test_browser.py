@@ -11,7 +11,7 @@ from dataclasses import replace
 import pytest
 
 from conftest import RunningDaemon, eventually
-from esmail.config import WorkerConfig
+from esmail.config import FeedConfig, WorkerConfig
 from test_web import message, quarantining, send, with_page
 
 
@@ -151,3 +151,46 @@ async def test_the_feeds_times_stay_on_one_line_at_1280_px(config, chrome):
             tops = chrome.execute_script("const r = document.createRange(); r.selectNodeContents(arguments[0]); "
                                          "return [...r.getClientRects()].map(x => x.top)", cell)
             assert "UTC" in cell.text and max(tops) - min(tops) < 10, f"{cell.text!r} wraps at 1280 px"
+
+
+async def phone(chrome) -> None:
+    """A 390 px wide screen (headless Chromium keeps windows at least 500 px wide: the viewport is set through DevTools),
+    in effect before the test's first page."""
+    chrome.execute_cdp_cmd("Emulation.setDeviceMetricsOverride", {"width": 390, "height": 844, "deviceScaleFactor": 1, "mobile": True})
+    chrome.get("data:text/html,<meta name=viewport content='width=device-width'>")
+    assert await eventually(lambda: chrome.execute_script("return window.innerWidth") == 390, timeout=10)
+
+
+@pytest.mark.parametrize("config", ["local"], indirect=True)
+async def test_on_a_phone_no_page_is_wider_than_the_screen(config, chrome, tmp_path):
+    """At 390 px, `/`, `/messages` and a failed message's page (long names, keys and errors, two feeds, a chart) are
+    no wider than the screen, without hiding what overflows; the chart fits the width and its counts are in a table."""
+    from selenium.webdriver.common.by import By
+
+    blocked = tmp_path / "data" / config.buckets.amr_data
+    blocked.parent.mkdir(parents=True)
+    blocked.write_text("a file where the amr-data folder should be")
+    feeds = (FeedConfig("sheffield", "Sheffield City Council", senders=("*@supplier.example",), authenticated=False),
+             FeedConfig("leeds-city-council-half-hourly-electricity", "Leeds City Council, half-hourly electricity exports"))
+    long_name = "Half-hourly electricity consumption export for all council buildings, March.csv"
+    with RunningDaemon(replace(with_page(config), feeds=feeds, worker=WorkerConfig(processes=1, max_attempts=1))) as server:
+        failed_id = send(server, message((long_name, b"MPAN,00:30\r\n1,2\r\n"), subject="Readings " + "for every site " * 8),
+                         "sheffield@datafeeds.example.org", "leeds-city-council-half-hourly-electricity@datafeeds.example.org")
+        send(server, message(sender="someone.with.a.very.long.address@a-supplier-with-a-long-domain.example", subject="held"))
+        assert await eventually(lambda: server.spool.failed_ids() == [failed_id] and len(server.spool.quarantined_ids()) == 1)
+        base = f"http://127.0.0.1:{server.daemon.monitor.port}"
+        await phone(chrome)
+        for path in ("/", "/messages", f"/messages/{failed_id}"):
+            chrome.get(base + path)
+            styled = "return getComputedStyle(document.querySelector('header')).display == 'flex'"  # esmail.css is in effect
+            assert await eventually(lambda: chrome.execute_script(styled), timeout=10), path
+            width, inner, overflow = chrome.execute_script(
+                "return [document.documentElement.scrollWidth, window.innerWidth,"
+                " [getComputedStyle(document.documentElement).overflowX, getComputedStyle(document.body).overflowX]]")
+            assert inner == 390 and width <= inner, (path, width, inner)
+            assert overflow == ["visible", "visible"], path
+        chrome.get(base + "/")
+        assert chrome.find_element(By.CSS_SELECTOR, "svg.chart").size["width"] <= 390 - 16
+        chrome.find_element(By.CSS_SELECTOR, "details.per-day summary").click()
+        [today] = chrome.find_elements(By.CSS_SELECTOR, "table.days tbody tr")
+        assert today.text.split()[-3:] == ["0", "1", "1"]  # stored, quarantined, failed today

@@ -12,7 +12,7 @@ import pytest
 
 from conftest import with_history
 from esmail.config import Config, SpoolConfig
-from esmail.history import FileRow, Finished, open_history
+from esmail.history import FileRow, Filters, Finished, open_history
 from esmail.history.journal import FOLDER
 
 
@@ -48,12 +48,12 @@ async def test_both_backends_read_back_what_the_worker_wrote(backend):
         await history.record(finished(7, outcome="failed", prefix="leeds"))
         await history.record(finished(7, prefix="leeds"))
         await settled(history)
-        rows, more = history.messages()
-        assert [r["subject"] for r in rows] == ["readings 2", "readings 1", "readings 7", "readings 0"] and not more
+        rows, total = history.messages()
+        assert [r["subject"] for r in rows] == ["readings 2", "readings 1", "readings 7", "readings 0"] and total == 4
         assert {r["host"] for r in rows} == {"mx1.example"}
-        assert [r["prefix_list"] for r in history.messages(prefix="leeds")[0]] == ["leeds"]
-        assert [r["subject"] for r in history.messages(text="EXPORT-1")[0]] == ["readings 1"]
-        row, prefixes, files, outcomes = history.message("20261201-100000-00000007")
+        assert [list(r["feeds"]) for r in history.messages(Filters(prefix="leeds"))[0]] == [["leeds"]]
+        assert [r["subject"] for r in history.messages(Filters(text="EXPORT-1"))[0]] == ["readings 1"]
+        row, prefixes, files, outcomes, _, _ = history.message("20261201-100000-00000007")
         assert row["state"] == "stored" and [o["outcome"] for o in outcomes] == ["failed", "retried"]
         assert [(f["name"], f["bytes"]) for f in files] == [("export-7.csv", 17)]
         assert history.prefixes()["sheffield"]["last_csv"] == "2026-12-01T10:00:02+00:00"
@@ -80,7 +80,7 @@ async def test_the_worker_never_waits_for_a_database_that_is_away_and_nothing_is
             await asyncio.sleep(0.05)
         assert "unreachable since" in history.problem()
         assert history.backlog() == 40
-        assert history.messages() == ([], False)  # the page says why rather than wait
+        assert history.messages() == ([], 0)  # the page says why rather than wait
         history.close()  # a restart of esmail meanwhile: the rows stay in the journal
         assert sum(1 for path in (tmp_path / "spool" / FOLDER).iterdir() for _ in path.open()) == 40
         history = open_history(config)
@@ -168,7 +168,7 @@ async def test_history_copy_moves_a_hosts_sqlite_history_into_postgresql_and_is_
     try:
         rows, _ = shared.messages()
         assert [(r["subject"], r["host"]) for r in rows] == [(f"readings {n}", "mx-old.example") for n in (2, 1, 9, 0)]
-        _, prefixes, files, outcomes = shared.message(finished(9).id)
+        _, prefixes, files, outcomes, _, _ = shared.message(finished(9).id)
         assert [o["outcome"] for o in outcomes] == ["failed", "retried"]
         assert [(p["prefix"], p["state"]) for p in prefixes] == [("leeds", "stored")] and [f["name"] for f in files] == ["export-9.csv"]
         assert shared.prefixes()["sheffield"]["last_csv"] == "2026-12-01T10:00:02+00:00"
@@ -196,7 +196,7 @@ async def test_both_backends_keep_each_csvs_check_and_give_it_back_at_start(back
             FileRow("sheffield", "amr_data", "a.csv", "csv", "csv", "t-amr", "sheffield/x/a.csv", 30, check=learned.to_json()),
             FileRow("edf", "amr_data", "export.csv", "csv", "csv", "t-amr", "edf/x/export.csv", 30, check=changed.to_json())]))
         await settled(history)
-        _, _, files, _ = history.message(finished(1).id)
+        files = history.message(finished(1).id).files
         assert [json.loads(f["check_report"])["verdict"] for f in files] == ["ok", "header changed"]
         shapes, alerted = Shapes(86400), set()
         seed(history, shapes, alerted)
@@ -205,3 +205,76 @@ async def test_both_backends_keep_each_csvs_check_and_give_it_back_at_start(back
         assert shapes.check("sheffield", "c.csv", b"MPAN,Date,kWh\n2,2026-11-02,1\n").verdict == "new shape"
     finally:
         history.close()
+
+
+LEGACY_ID = "20261201-100000-0000000a"
+
+
+def legacy_rows(run) -> None:
+    """A failed message as an esmail before this version wrote it: its objects without their outcome's event."""
+    run("INSERT INTO messages (id, host, received, origin, state, reason, attempts, seconds, finished, subject) "
+        "VALUES (?, 'mx1.example', '2026-12-01T10:00:00+00:00', 'smtp', 'failed', 'gave up', 3, 0.1, '2026-12-01T10:01:00+00:00', 'old')",
+        (LEGACY_ID,))
+    run("INSERT INTO message_prefixes (id, prefix, received, state, csvs, unprocessable) "
+        "VALUES (?, 'sheffield', '2026-12-01T10:00:00+00:00', 'failed', 0, 1)", (LEGACY_ID,))
+    run("INSERT INTO outcomes (id, at, outcome, reason, attempts, seconds, event) VALUES (?, '2026-12-01T10:01:00+00:00', 'failed', "
+        "'gave up', 3, 0.1, 'old-event')", (LEGACY_ID,))
+    for bucket in ("t-inbox", "t-unprocessable"):
+        run("INSERT INTO files (id, prefix, role, name, kind, rule, bucket, key, bytes, reason) "
+            "VALUES (?, 'sheffield', ?, 'x.eml', 'message', '', ?, 'sheffield/x/x.eml', 100, '')",
+            (LEGACY_ID, bucket.removeprefix("t-"), bucket))
+
+
+async def read_back_after_a_retry(history) -> None:
+    """The legacy message retried by this esmail: its objects now, what the failure left behind, who retried it."""
+    await history.record(Finished(LEGACY_ID, "2026-12-01T10:00:00+00:00", "smtp", "stored", {"sheffield": "stored"}, subject="old",
+                                  by="data-team", files=[FileRow("sheffield", "inbox", "x.eml", "message", "", "t-inbox", "sheffield/x/x.eml", 100),
+                                                         FileRow("sheffield", "amr_data", "a.csv", "csv", "csv", "t-amr", "sheffield/x/a.csv", 9)]))
+    await settled(history)
+    record = history.message(LEGACY_ID)
+    assert [(o["outcome"], o["by"]) for o in record.outcomes] == [("failed", ""), ("retried", "data-team")]
+    assert sorted(f["bucket"] for f in record.files) == ["t-amr", "t-inbox"]
+    assert [(f["bucket"], f["left_by"]) for f in record.left_behind] == [("t-unprocessable", "an earlier outcome")]  # no event: whose is not known
+    assert [m["state"] for m in history.messages(Filters(state="stored"))[0]] == ["stored"]
+
+
+async def test_a_sqlite_history_of_the_version_before_is_brought_up_to_date_in_place(tmp_path):
+    """{spool}/history.sqlite at schema 2 (objects without their outcome): opened by this esmail it is migrated to 4, its
+    rows are read as before, and a retry written after reads back with what the failure left behind."""
+    import sqlite3
+
+    from esmail.history import SqliteHistory
+    from esmail.history.sqlite import _MIGRATIONS, _TABLES
+
+    (tmp_path / "spool").mkdir()
+    conn = sqlite3.connect(tmp_path / "spool" / "history.sqlite", isolation_level=None)
+    conn.executescript(_TABLES + _MIGRATIONS[2] + "INSERT INTO schema VALUES (2);")
+    legacy_rows(conn.execute)
+    conn.close()
+    history = SqliteHistory(tmp_path / "spool", host="mx1.example")
+    try:
+        await read_back_after_a_retry(history)
+    finally:
+        history.close()
+    with sqlite3.connect(tmp_path / "spool" / "history.sqlite") as conn:
+        assert conn.execute("SELECT version FROM schema").fetchone()[0] == 4
+
+
+async def test_a_postgresql_history_of_the_version_before_is_brought_up_to_date_in_place(tmp_path, postgres_server, history_url):
+    """A shared database at schema 1: the first host of this esmail to write migrates it to 3, and reads it as SQLite does."""
+    import psycopg
+
+    import postgres
+    from esmail.history.postgres import _MIGRATIONS, _Db
+
+    with psycopg.connect(history_url, password=postgres.PASSWORD, autocommit=True) as conn:
+        conn.execute("CREATE TABLE schema (version INTEGER NOT NULL)")
+        conn.execute(_MIGRATIONS[1])
+        conn.execute("INSERT INTO schema VALUES (1)")
+        legacy_rows(_Db(conn).run)
+    history = open_history(with_history(Config(spool=SpoolConfig(path=tmp_path / "spool", min_free=0)), history_url))
+    try:
+        await read_back_after_a_retry(history)
+    finally:
+        history.close()
+    assert postgres_server.sql("SELECT version FROM schema", database=history_url.rsplit("/", 1)[1]) == [(3,)]

@@ -18,6 +18,7 @@ import postgres
 from conftest import FAKE_AWS, HISTORY_PASSWORD_ENV, Server, free_port
 from esmail.config import SpoolConfig
 from test_operations import Recorder
+from test_page_problems import every_count_opens_its_rows
 from test_web import CSV, DOMAIN, Browser, Table, csrf_of, message
 
 pytestmark = pytest.mark.parametrize("config", ["s3"], indirect=True)
@@ -27,25 +28,27 @@ TOKEN = "7e57700007e57700007e57700007e577"
 class Host:
     """One host: `esmail serve` with the shared history, its page on a port of its own, named by [smtp] hostname."""
 
-    def __init__(self, name: str, config, tmp_path, history_url: str, tables: str = ""):
+    def __init__(self, name: str, config, tmp_path, history_url: str, tables: str = "", worker: str = ""):
+        """`tables`: more tables after [http]; `worker`: more [worker] keys."""
         self.name = name
         self.page = f"http://127.0.0.1:{free_port()}"
         folder = tmp_path / name
         folder.mkdir()
         self.server = Server(replace(config, spool=SpoolConfig(path=folder / "spool", min_free=0)), folder,
                              smtp=f'hostname = "{name}"\ndomains = ["{DOMAIN}"]',
-                             tables=f'[history]\nurl = "{history_url}"\npassword_env = "{HISTORY_PASSWORD_ENV}"\n'
+                             tables=f'{worker}\n[history]\nurl = "{history_url}"\npassword_env = "{HISTORY_PASSWORD_ENV}"\n'
                                     f'[http]\nlisten = "{self.page.removeprefix("http://")}"\n{tables}')
 
     def start(self, **env) -> "Host":
         self.server.start(**{HISTORY_PASSWORD_ENV: postgres.PASSWORD, **env})
         return self
 
-    def send(self, raw: bytes, sender: str = "meters@supplier.example") -> str:
+    def send(self, raw: bytes, sender: str = "meters@supplier.example", *prefixes: str) -> str:
         with smtplib.SMTP("127.0.0.1", self.server.port, timeout=30) as client:
             client.ehlo("supplier.example")
             client.mail(sender)
-            assert client.rcpt(f"sheffield@{DOMAIN}")[0] == 250
+            for prefix in prefixes or ("sheffield",):
+                assert client.rcpt(f"{prefix}@{DOMAIN}")[0] == 250
             code, text = client.data(raw)
         assert code == 250, text
         return text.decode().rsplit(" ", 1)[1]
@@ -138,10 +141,39 @@ def test_release_on_a_of_a_message_quarantined_on_b(config, tmp_path, history_ur
         assert time.monotonic() - asked < 6  # LISTEN/NOTIFY: well within the 5 s poll
         [request] = a.api(f"/api/messages/{held}")["requests"]
         assert request["host"] == "mx-b.example" and request["action"] == "release" and request["by"] == "local"
+        assert [(o["outcome"], o["by"]) for o in a.api(f"/api/messages/{held}")["outcomes"]] == [("quarantined", ""), ("released", "local")]
         assert request["outcome"].startswith("released") and request["done"]
         assert [f["name"] for f in a.api(f"/api/messages/{held}")["files"] if f["role"] == "amr_data"] == ["held.csv"]
         assert "released by local, on the page on mx-a.example" not in a.log()  # B acted, not A
         assert "released by local on mx-a.example" in b.log()
+    finally:
+        for host in (a, b):
+            assert host.server.terminate() == 0
+
+
+def test_every_count_on_each_hosts_page_equals_the_rows_its_link_opens(config, tmp_path, history_url):
+    """Host B holds a failed message (its amr-data bucket is missing) and a quarantined one, host A a quarantined one and
+    one quarantined for one feed and stored for another: on both pages what needs a human counts every host's, and each
+    count on `/` is the number of rows its link opens."""
+    feeds = ('[[feed]]\nprefix = "sheffield"\nsenders = ["*@supplier.example"]\nauthenticated = false\n'
+             '[[feed]]\nprefix = "leeds"\n')
+    a = Host("mx-a.example", config, tmp_path, history_url, feeds).start()
+    b = Host("mx-b.example", replace(config, buckets=replace(config.buckets, amr_data="no-such-bucket")), tmp_path, history_url, feeds,
+             worker="max_attempts = 1").start()
+    try:
+        failed = b.send(message(subject="fails on b"))
+        b.send(message(subject="held on b", sender="x@elsewhere.example"), "x@elsewhere.example")
+        a.send(message(subject="held on a", sender="x@elsewhere.example"), "x@elsewhere.example")
+        a.send(message(subject="both on a", sender="x@elsewhere.example"), "x@elsewhere.example", "sheffield", "leeds")
+        a.send(message(subject="stored on a"))
+        for host in (a, b):
+            assert wait_for(lambda host=host: len(host.api("/api/messages")["messages"]) == 5)
+            counts = every_count_opens_its_rows(Browser(host.page))
+            assert counts["/messages?state=failed"] == 1 and counts["/messages?state=quarantined"] == 3
+            assert counts["/messages?prefix=sheffield&state=quarantined"] == 3 and counts["/messages?prefix=sheffield&state=failed"] == 1
+            assert counts["/messages?state=stored&days=1"] == 2
+            assert [(m["id"], m["host"]) for m in host.api("/api/messages?state=failed")["messages"]] == [(failed, "mx-b.example")]
+        assert a.api("/api/feeds")["feeds"][0]["status"] == "failed"  # B's failure shows on A's page
     finally:
         for host in (a, b):
             assert host.server.terminate() == 0

@@ -14,6 +14,7 @@ import urllib.error
 import urllib.parse
 import urllib.request
 from dataclasses import replace
+from datetime import datetime
 from email.message import EmailMessage
 from html.parser import HTMLParser
 
@@ -129,7 +130,8 @@ def csrf_of(page: str) -> str:
 
 
 async def finished(server: RunningDaemon) -> bool:
-    return await eventually(lambda: not server.spool.pending())
+    """The queue is empty and no attempt is still under way (its outcome is in the history)."""
+    return await eventually(lambda: not server.spool.pending() and not server.daemon.scheduler._running)
 
 
 @local
@@ -158,7 +160,8 @@ def test_a_page_open_to_other_hosts_needs_a_password(tmp_path):
 
 @local
 async def test_the_feeds_overview_after_a_good_and_a_bad_file(config):
-    """sheffield got a CSV (ok), leeds only a PNG (unprocessable files), npower is declared and silent (ok, never); the chart counts today."""
+    """sheffield got a CSV (ok), leeds only a PNG (unprocessable files, listed first), npower is declared and silent
+    (ok, never); the chart counts today."""
     feeds = (FeedConfig("sheffield", "Sheffield City Council"), FeedConfig("leeds", "Leeds"), FeedConfig("npower"))
     with RunningDaemon(replace(with_page(config), feeds=feeds)) as server:
         send(server, message())
@@ -167,26 +170,32 @@ async def test_the_feeds_overview_after_a_good_and_a_bad_file(config):
         page = Browser(server).get("/")
         api = Browser(server).json("/api/feeds")
     rows = {row[0].split()[0]: row for row in Table(page, "feeds").body()}
-    assert rows["sheffield"][1:3] == ["Sheffield City Council", "ok"] and rows["sheffield"][5] == "1"
-    assert rows["leeds"][2] == "unprocessable files" and rows["leeds"][4] == "never"
-    assert rows["npower"][2:4] == ["ok", "never"]
+    assert rows["sheffield"][:3] == ["sheffield Sheffield City Council", "ok", "nothing"] and rows["sheffield"][5] == "1"
+    assert rows["leeds"][1:3] == ["unprocessable files", "1 unprocessable file in 1 message, 7 days"] and rows["leeds"][4] == "never"
+    assert rows["npower"][1:4] == ["ok", "nothing", "never"]
     assert "Last 24 hours: 2 stored, 0 quarantined, 0 failed" in " ".join(re.sub(r"<[^>]+>", "", page).split())
     assert '<svg xmlns="http://www.w3.org/2000/svg" class="chart"' in page
     today = api["days"][-1]
-    assert today["stored"] == 2 and re.search(rf'data-day="{today["day"]}"><title>{today["day"]}: 2 stored</title>', page)
-    assert [feed["prefix"] for feed in api["feeds"]] == ["sheffield", "leeds", "npower"]
+    assert today["stored"] == 2 and re.search(rf'data-day="{today["day"]}" opacity="0.6"><title>{today["day"]} \(today, so far\): 2 stored</title>', page)
+    assert [feed["prefix"] for feed in api["feeds"]] == ["leeds", "sheffield", "npower"]
 
 
 @local
 async def test_a_feed_goes_late_and_recovers(config, caplog):
-    """expected_every = 3 s: after 4.5 s of nothing the page, /metrics and one warning say late; a message makes it ok, with an info line."""
+    """expected_every = 3 s: after 4.5 s of nothing the page (saying when mail was expected), /metrics and one warning
+    say late; a message makes it ok, with an info line."""
     with caplog.at_level("INFO", logger="esmail.daemon"), \
             RunningDaemon(replace(with_page(config), feeds=(FeedConfig("leeds", expected_every=3.0),))) as server:
         browser = Browser(server)
-        assert await eventually(lambda: "late" in Table(browser.get("/"), "feeds").body()[0][2], timeout=10)
+        assert await eventually(lambda: Table(browser.get("/"), "feeds").body()[0][1].startswith("late"), timeout=10)
+        [feed] = browser.json("/api/feeds")["feeds"]
+        declared = browser.json("/api/feeds")["feeds"][0]["expected_by"]
+        assert feed["status"] == "late" and re.fullmatch(r"\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d\+00:00", declared)
+        expected = datetime.fromisoformat(declared).strftime("%Y-%m-%d %H:%M:%S UTC")
+        assert Table(browser.get("/"), "feeds").body()[0][1] == f"late mail was expected by {expected}"
         assert await eventually(lambda: 'esmail_feed_late{prefix="leeds"} 1.0' in browser.get("/metrics"), timeout=10)
         send(server, message(to=f"leeds@{DOMAIN}"), f"leeds@{DOMAIN}")
-        assert await eventually(lambda: Table(browser.get("/"), "feeds").body()[0][2] == "ok", timeout=10)
+        assert await eventually(lambda: Table(browser.get("/"), "feeds").body()[0][1] == "ok", timeout=10)
         assert await eventually(lambda: 'esmail_feed_late{prefix="leeds"} 0.0' in browser.get("/metrics"), timeout=10)
         assert 'esmail_feed_last_message_timestamp_seconds{prefix="leeds"}' in browser.get("/metrics")
     warnings = [r.getMessage() for r in caplog.records if "is late" in r.getMessage()]

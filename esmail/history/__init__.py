@@ -11,8 +11,9 @@ loses no mail.
 
     messages          one row per message: its host, envelope, headers, its state now
     message_prefixes  one row per message and prefix: state, CSVs and unprocessable files
-    outcomes          every outcome of a message, in order (a failure, then its retry)
-    files             every object a message stored: name, kind, rule, bucket, key, bytes, reason, a CSV's check (§16)
+    outcomes          every outcome of a message, in order (a failure, then its retry): who asked for it, each failed try
+    files             every object each outcome stored: name, kind, rule, bucket, key, bytes, reason, a CSV's check (§16)
+    attachments       the files a message carried, as sent (before any conversion)
     prefixes          per prefix: first declared as a [[feed]], last message, last CSV
 """
 
@@ -21,8 +22,8 @@ from __future__ import annotations
 import socket
 
 from esmail.config import Config
-from esmail.history.base import (FAILED, PAGE, QUARANTINED, QUEUED, RELEASED, RETRIED, STATES, STORED, FileRow, Finished,
-                                 History, now_text, since, timestamp)
+from esmail.history.base import (DROPPED, FAILED, FILES, PAGE, QUARANTINED, QUEUED, RELEASED, RETRIED, STATES, STORED, URGENCY,
+                                 WAITING, Attached, FileRow, Filters, Finished, History, Record, now_text, since, timestamp, urgency)
 from esmail.history.sqlite import SqliteHistory
 
 
@@ -53,5 +54,6 @@ def probe(config: Config) -> str:
     return probe_sqlite(config.spool.path)
 
 
-__all__ = ["FAILED", "PAGE", "QUARANTINED", "QUEUED", "RELEASED", "RETRIED", "STATES", "STORED", "FileRow", "Finished",
-           "History", "SqliteHistory", "host_name", "now_text", "open_history", "probe", "since", "timestamp"]
+__all__ = ["DROPPED", "FAILED", "FILES", "PAGE", "QUARANTINED", "QUEUED", "RELEASED", "RETRIED", "STATES", "STORED", "URGENCY",
+           "WAITING", "Attached", "FileRow", "Filters", "Finished", "History", "Record", "SqliteHistory", "host_name", "now_text",
+           "open_history", "probe", "since", "timestamp", "urgency"]

@@ -1,7 +1,7 @@
 """`esmail history copy --to URL`: one host's SQLite history into the shared PostgreSQL one (DESIGN §17).
 
-For moving from one host to several: every message, its prefixes, files and
-outcomes, and the per-prefix summaries. Safe to run twice (or after the
+For moving from one host to several: every message, its prefixes, files,
+attachments and outcomes, and the per-prefix summaries. Safe to run twice (or after the
 host already writes to PostgreSQL): a message is written over with the same
 rows, an outcome is known by its event, and a prefix keeps the latest of
 what either side saw.
@@ -48,7 +48,7 @@ def _message(source: sqlite3.Connection, db: _Db, entry_id: str, host: str) -> N
     columns = list(row)
     db.run(f"INSERT INTO messages ({', '.join(columns)}) VALUES ({', '.join('?' * len(columns))}) "
            f"ON CONFLICT (id) DO UPDATE SET {', '.join(f'{c} = excluded.{c}' for c in columns if c != 'id')}", list(row.values()))
-    for table in ("message_prefixes", "files"):
+    for table in ("message_prefixes", "files", "attachments"):
         db.run(f"DELETE FROM {table} WHERE id = ?", (entry_id,))
         for item in source.execute(f"SELECT * FROM {table} WHERE id = ? ORDER BY rowid", (entry_id,)):
             db.run(f"INSERT INTO {table} ({', '.join(item.keys())}) VALUES ({', '.join('?' * len(item.keys()))})", tuple(item))

@@ -24,12 +24,13 @@ import psycopg
 from psycopg.rows import dict_row
 from psycopg_pool import ConnectionPool, PoolTimeout
 
-from esmail.history.base import Db, Finished, History, now_text, write_declared, write_finished, write_pruned, write_request
+from esmail.history.base import (OUTCOMES_IN_DETAIL, Db, Finished, History, now_text, write_declared, write_dropped,
+                                 write_finished, write_pruned, write_request)
 from esmail.history.journal import FOLDER, Journal
 
 log = logging.getLogger("esmail.history")
 
-VERSION = 2
+VERSION = 3
 CONNECT_TIMEOUT = 5  # seconds to reach the database before rows go to the journal
 RETRY_EVERY = 2.0  # seconds between the writer's tries while it does not answer
 RECONNECT_TIMEOUT = 10.0  # seconds the pool tries to reconnect in the background before a reader's request tries anew
@@ -73,6 +74,7 @@ CREATE INDEX actions_by_host ON actions (host, done);
 CREATE INDEX actions_by_message ON actions (id);
 """,
     2: "ALTER TABLE files ADD COLUMN check_report TEXT;",  # a CSV's report (DESIGN §16), as JSON
+    3: OUTCOMES_IN_DETAIL,
 }
 _STOP = object()
 
@@ -143,6 +145,10 @@ class PostgresHistory(History):
     async def declare(self, prefixes: list[str]) -> None:
         if prefixes:
             self._queue.put({"op": "declare", "prefixes": prefixes, "at": now_text()})
+
+    async def dropped(self, entry_id: str, prefixes: list[str], reason: str) -> None:
+        self._queue.put({"op": "dropped", "id": entry_id, "prefixes": prefixes, "reason": reason, "at": now_text(),
+                         "event": self.new_event()})
 
     async def prune(self, keep_days: float) -> None:
         self._queue.put({"op": "prune", "keep_days": keep_days})
@@ -360,6 +366,8 @@ def _apply_all(db: Db, rows: list[dict]) -> None:
             write_declared(db, row["prefixes"], row["at"])
         elif row["op"] == "prune":
             write_pruned(db, row["keep_days"])
+        elif row["op"] == "dropped":
+            write_dropped(db, row["id"], row["prefixes"], row["reason"], row["at"], row["event"])
 
 
 def _migrate(conn: psycopg.Connection) -> None:

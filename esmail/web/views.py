@@ -16,7 +16,7 @@ from jinja2 import Environment, FileSystemLoader, StrictUndefined
 
 from esmail.config import describe_age, describe_duration
 from esmail.errors import ActionRefused, TemporaryFailure
-from esmail.history import STATES
+from esmail.history import FILES, STATES, Filters
 from esmail.web import data
 from esmail.web.access import CSRF_FIELD, check_csrf, csrf_token, who
 from esmail.web.chart import daily_bars
@@ -29,6 +29,7 @@ log = logging.getLogger(__name__)
 HERE = Path(__file__).parent
 _ID = re.compile(r"[0-9A-Za-z][0-9A-Za-z-]{0,80}")  # a spool id: it names files, so nothing else gets near the spool
 MAX_PAGE = 1_000_000  # 50 million messages back: far more than a history holds, and well inside a 64-bit OFFSET
+MAX_DAYS = 100_000  # ?days=: far more than a history keeps
 NOTES = {  # what a redirect after an action says (?done=): fixed texts, never the query's own
     "retry": "Queued again: the worker takes it now.",
     "release": "Released: it is processed now as if its feed had let it through.",
@@ -53,10 +54,12 @@ class Views:
         return self._render(request, "feeds.html", chart=daily_bars(overview["days"]), **overview)
 
     async def messages(self, request: web.Request) -> web.Response:
-        listed = await asyncio.to_thread(data.messages, self.spool, self.history, *self._filters(request))
+        filters = self._filters(request)
+        listed = await asyncio.to_thread(data.messages, self.spool, self.history, filters)
         prefixes = await asyncio.to_thread(self._known_prefixes)
         hosts = await asyncio.to_thread(self.history.hosts) if self.history.shared else []
-        return self._render(request, "messages.html", states=STATES, prefixes=prefixes, hosts=hosts, **listed)
+        return self._render(request, "messages.html", states=STATES, prefixes=prefixes, hosts=hosts, files_filters=FILES,
+                            query=filters.query, **listed)
 
     async def message(self, request: web.Request) -> web.Response:
         found = await self._message(request)
@@ -82,7 +85,7 @@ class Views:
         entry_id = self._id(request)
         by = who(request)
         try:
-            await self.daemon.act(entry_id, action, f"{by}, on the page")
+            await self.daemon.act(entry_id, action, by)
         except ActionRefused as exc:
             holder = await asyncio.to_thread(self._holder, entry_id, action)
             if holder is None:
@@ -122,7 +125,7 @@ class Views:
         return web.json_response(await asyncio.to_thread(data.overview, self.config, self.spool, self.history))
 
     async def api_messages(self, request: web.Request) -> web.Response:
-        return web.json_response(await asyncio.to_thread(data.messages, self.spool, self.history, *self._filters(request)))
+        return web.json_response(await asyncio.to_thread(data.messages, self.spool, self.history, self._filters(request)))
 
     async def api_message(self, request: web.Request) -> web.Response:
         return web.json_response(await self._message(request))
@@ -150,21 +153,30 @@ class Views:
         return entry_id
 
     @staticmethod
-    def _filters(request: web.Request) -> tuple[str, str, str, int, str]:
+    def _filters(request: web.Request) -> Filters:
         query = request.query
-        state = query.get("state", "")
+        state, files = query.get("state", ""), query.get("files", "")
         if state and state not in STATES:
             raise web.HTTPBadRequest(text=f"400: state must be one of {', '.join(STATES)}\n")
-        try:
-            page = int(query.get("page", "1"))
-        except ValueError:
-            page = 0
-        if not 1 <= page <= MAX_PAGE:
-            raise web.HTTPBadRequest(text=f"400: page must be a number from 1 to {MAX_PAGE:,}\n")
-        return query.get("prefix", "").strip().lower()[:100], state, query.get("q", "").strip()[:200], page, query.get("host", "").strip()[:255]
+        if files and files not in FILES:
+            raise web.HTTPBadRequest(text=f"400: files must be one of {', '.join(FILES)}\n")
+        page, days = _number(query, "page", 1, MAX_PAGE, 1), _number(query, "days", 0, MAX_DAYS, 0)
+        return Filters(prefix=query.get("prefix", "").strip().lower()[:100], state=state, text=query.get("q", "").strip()[:200],
+                       files=files, host=query.get("host", "").strip()[:255], days=days, page=page)
 
     def _known_prefixes(self) -> list[str]:
         return sorted({feed.prefix for feed in self.config.feeds} | set(self.history.prefixes()))
+
+
+def _number(query, name: str, lowest: int, highest: int, default: int) -> int:
+    """A whole number from the query, within bounds; 400 otherwise."""
+    try:
+        value = int(query.get(name) or default)
+    except ValueError:
+        value = lowest - 1
+    if not lowest <= value <= highest:
+        raise web.HTTPBadRequest(text=f"400: {name} must be a number from {lowest} to {highest:,}\n")
+    return value
 
 
 def _safe_key(key: str) -> bool:
