@@ -29,6 +29,7 @@ from dnsserver import DnsServer
 from esmail import formats, metrics
 from esmail.config import Address, Buckets, Config, FeedConfig, HttpConfig, SpoolConfig, StorageConfig
 from esmail.history import SqliteHistory
+from esmail.history import sqlite as sqlite_history
 from esmail.importer import Report
 from esmail.shapes import Shapes, seed
 from sheets import xlsx
@@ -248,7 +249,7 @@ async def test_the_history_keeps_each_report_and_an_old_history_gains_the_column
     seed(history, shapes, alerted)
     history.close()
     with sqlite3.connect(path) as conn:
-        assert conn.execute("SELECT version FROM schema").fetchone() == (3,)
+        assert conn.execute("SELECT version FROM schema").fetchone() == (sqlite_history.VERSION,)
         rows = conn.execute("SELECT id, key, check_report FROM files ORDER BY rowid").fetchall()
     assert rows[0] == ("old", "sheffield/1/a.csv", None)
     assert [(i, k, json.loads(c)["verdict"]) for i, k, c in rows[1:]] == [("new", "sheffield/2/b.csv", "ok"), ("new", "edf/2/export.csv", "rejected")]
