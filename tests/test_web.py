@@ -180,6 +180,19 @@ async def test_the_feeds_overview_after_a_good_and_a_bad_file(config):
     assert [feed["prefix"] for feed in api["feeds"]] == ["leeds", "sheffield", "npower"]
 
 
+def test_a_day_with_one_failure_among_many_stored_shows_it_on_the_chart():
+    """1 failed and 1 quarantined beside 1,000 stored: each still draws a bar the eye can find (a few units, not 0.14),
+    the scale reads 0, 1000, 2000 (1,002 is over 1,000), and the day's total is written over its bar."""
+    from esmail.web.chart import MIN_BAR, daily_bars
+
+    svg = str(daily_bars([{"day": "2026-12-05", "stored": 1000, "quarantined": 1, "failed": 1},
+                          {"day": "2026-12-06", "stored": 0, "quarantined": 0, "failed": 0}]))
+    heights = {state: float(height) for state, height in re.findall(r'<rect class="(\w+)" [^>]*height="([\d.]+)"', svg)}
+    assert heights["failed"] >= MIN_BAR and heights["quarantined"] >= MIN_BAR and heights["stored"] == 70.0
+    assert [label for label in re.findall(r'text-anchor="end" fill="#555">(\d+)</text>', svg)][:3] == ["0", "1000", "2000"]
+    assert ">1002</text>" in svg and "2026-12-05: 1000 stored, 1 quarantined, 1 failed" in svg
+
+
 @local
 async def test_a_feed_goes_late_and_recovers(config, caplog):
     """expected_every = 3 s: after 4.5 s of nothing the page (saying when mail was expected), /metrics and one warning
