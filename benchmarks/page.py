@@ -3,8 +3,8 @@
     python benchmarks/page.py [--messages 100000] [--runs 20] [--history-url postgresql://USER@HOST/DB]
 
 Fills a history through the worker's own SQL (history.base.write_finished:
-30 feeds, a year of mail, three objects a message, some quarantined and
-failed) — {spool}/history.sqlite, or an empty PostgreSQL database with
+30 feeds, a year of mail, three objects a message, some quarantined (dropped
+after 30 days, as esmail does) and failed) — {spool}/history.sqlite, or an empty PostgreSQL database with
 --history-url (its password in PGPASSWORD) — starts `esmail serve` on it with
 [http] listen, and times each page over HTTP (median and worst of --runs),
 with /healthz, the cheapest answer the same server gives, as the baseline
@@ -27,9 +27,10 @@ from datetime import datetime, timedelta, timezone
 from pathlib import Path
 
 from esmail.history import FileRow, Finished
-from esmail.history.base import write_finished
+from esmail.history.base import write_dropped, write_finished
 
 BATCH = 1000  # messages a transaction while filling
+QUARANTINE_DAYS = 30  # [spool] quarantine_days' default: older quarantined messages are written as dropped
 
 
 def fill(spool: Path, count: int, url: str | None) -> tuple[float, str]:
@@ -71,9 +72,14 @@ def _write(db, transaction, count: int) -> float:
     now = datetime.now(timezone.utc)
     prefixes = [f"school{n:02d}" for n in range(30)]
     started = time.monotonic()
+    dropped_before = (now - timedelta(days=QUARANTINE_DAYS)).isoformat()
     for first in range(0, count, BATCH):
+        batch = [_message(rng, now, prefixes, n, count) for n in range(first, min(first + BATCH, count))]
         with transaction():
-            write_finished(db, [(_message(rng, now, prefixes, n, count), "bench", f"bench-{n}") for n in range(first, min(first + BATCH, count))])
+            write_finished(db, [(item, "bench", f"bench-{first + n}") for n, item in enumerate(batch)])
+            for item in batch:  # as the owning host's hourly sweep writes it: a quarantine is not kept for ever
+                if item.outcome == "quarantined" and item.received < dropped_before:
+                    write_dropped(db, item.id, list(item.prefixes), "dropped from quarantine", item.received, f"drop-{item.id}")
     return time.monotonic() - started
 
 

@@ -70,13 +70,17 @@ def overview(config: Config, spool: Spool, history: History) -> dict:
     day = since(days=1)
     declared = [feed.prefix for feed in config.feeds]
     seen = sorted(prefix for prefix, row in rows.items() if row["last_message"] and prefix not in declared)
+    held_by_prefix: dict[tuple[str, str], list[str]] = {}  # (prefix, state): the ids that wait, gathered in one pass
+    for item in held:
+        for prefix in item["prefixes"]:
+            held_by_prefix.setdefault((prefix, item["state"]), []).append(item["id"])
     listed = []
-    for prefix in declared + seen + sorted({p for item in held for p in item["prefixes"]} - set(declared) - set(seen)):
+    for prefix in declared + seen + sorted({prefix for prefix, _ in held_by_prefix} - set(declared) - set(seen)):
         row, feed = rows.get(prefix), config.feed(prefix)
         last = row["last_message"] if row else None
         first_declared = row["first_declared"] if row else None
         late = feed is not None and feeds.late(feed, timestamp(last), timestamp(first_declared), now)
-        waits = {state: [item["id"] for item in held if item["state"] == state and prefix in item["prefixes"]] for state in (FAILED, QUARANTINED)}
+        waits = {state: held_by_prefix.get((prefix, state), []) for state in (FAILED, QUARANTINED)}
         bad = unprocessable.get(prefix, {"messages": 0, "files": 0})
         flags = {"failed": bool(waits[FAILED]), "quarantined": bool(waits[QUARANTINED]), "late": late, "unprocessable files": bool(bad["files"]),
                  "ok": True}
