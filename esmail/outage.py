@@ -8,6 +8,11 @@ first failure marks the store down; from then on one probe at a time asks it
 (`store.check`: a small write), whenever an entry wants the store and every
 PROBE_EVERY seconds while entries wait, and everyone else waits for that
 verdict. The first success marks it up and calls `on_back`.
+
+Only a failed probe makes it an outage in the log: a failure that one key
+meets (a file where its folder should be, a policy on one prefix) while the
+probe's write works is that entry's, said by its own retries, not a store
+going down and up at each of them.
 """
 
 from __future__ import annotations
@@ -29,17 +34,24 @@ class Outage:
         self.error: str | None = None  # why the store is down; None while it works
         self.on_back: Callable[[], None] = lambda: None
         self._verdict: asyncio.Task | None = None
+        self._said = False  # a probe confirmed the outage, and the log said so
 
     def failed(self, exc: TemporaryFailure) -> None:
-        if self.error is None:
-            log.warning("the store fails (%s): one probe at a time until it works again", exc)
         self.error = str(exc)
 
     def worked(self) -> None:
         if self.error is not None:
             self.error = None
-            log.warning("the store works again: the entries waiting for it start now")
+            if self._said:
+                self._said = False
+                log.warning("the store works again: the entries waiting for it start now")
             self.on_back()
+
+    def _confirmed(self, exc: TemporaryFailure) -> None:
+        self.failed(exc)
+        if not self._said:
+            self._said = True
+            log.warning("the store fails (%s): one probe at a time until it works again", exc)
 
     async def wait_until_up(self) -> None:
         """Return at once while the store works; while it is down, the verdict of the one probe (StorageFailure if it failed)."""
@@ -64,9 +76,9 @@ class Outage:
         try:
             await self.probe()
         except StorageFailure as exc:  # NeedsFixing: as it is
-            self.failed(exc)
+            self._confirmed(exc)
             raise
         except TemporaryFailure as exc:
-            self.failed(exc)
+            self._confirmed(exc)
             raise StorageFailure(self.error) from exc
         self.worked()

@@ -284,7 +284,7 @@ async def test_when_the_store_works_again_the_entries_waiting_for_it_go_at_once(
     assert sorted((await bucket_contents(store, config.buckets.amr_data)).values()) == [f"n,{n}\n".encode() for n in range(5)]
 
 
-async def test_while_the_store_is_down_one_probe_at_a_time_asks_it(tmp_path):
+async def test_while_the_store_is_down_one_probe_at_a_time_asks_it(tmp_path, caplog):
     """Twenty entries that want a store that is down wait for one probe's verdict (one store call, not twenty);
     the probe that finds it working again says so once, and lets them all through."""
     from esmail.errors import StorageFailure, TemporaryFailure
@@ -312,3 +312,23 @@ async def test_while_the_store_is_down_one_probe_at_a_time_asks_it(tmp_path):
     assert len(probes) == 2 and back == [True] and outage.error is None
     await outage.wait_until_up()  # up: no probe at all
     assert len(probes) == 2
+    said = [r.getMessage().split(" (")[0].split(":")[0] for r in caplog.records if r.name == "esmail.outage"]
+    assert said == ["the store fails", "the store works again"]
+
+
+@pytest.mark.parametrize("config", ["local"], indirect=True)
+async def test_one_key_the_store_refuses_is_that_messages_failure_not_an_outage(config, store, caplog):
+    """A file where one feed's folder should be fails that message on every attempt, while the store's probe and the
+    other feeds' mail go through: no "the store fails" / "works again" in the log at each attempt, the others stored."""
+    config = replace(config, worker=replace(config.worker, max_attempts=3))
+    blocked = config.storage.path / config.buckets.amr_data / "bristol"
+    blocked.parent.mkdir(parents=True)
+    blocked.write_text("a file where bristol's folder should be")
+    spool = Spool(config.spool.path)
+    bad = spool.accept(feed("bristol@x", b"n,1\r\n"), ["bristol"]).id
+    good = [spool.accept(feed(f"feed{n}@x", f"n,{n}\r\n".encode()), [f"feed{n}"]).id for n in range(3)]
+    with caplog.at_level("INFO"), RunningDaemon(config):
+        assert await eventually(lambda: spool.failed_ids() == [bad] and not spool.pending(), timeout=60)
+    assert good and not [r for r in caplog.records if r.name == "esmail.outage"]
+    assert sorted(v for k, v in (await bucket_contents(store, config.buckets.amr_data)).items() if k.split("/")[0] != "bristol") == \
+        [f"n,{n}\n".encode() for n in range(3)]
