@@ -1,5 +1,6 @@
 """The checks of DESIGN §16 where they show: the daemon over SMTP (history, /metrics, the log, Rollbar, the hold and
-its release), learned shapes, the history's new column, and `esmail check` on a supplier's files.
+its release), the message page, /api and the feeds, learned shapes, the history's new column, and `esmail check` on a
+supplier's files.
 
 Mail goes over real sockets to a running daemon; Rollbar is a local HTTP server
 that records what it is sent; DNS (the hold needs a [[feed]], so authentication
@@ -8,8 +9,10 @@ runs) is the suite's loopback server.
 
 from __future__ import annotations
 
+import html
 import io
 import json
+import re
 import smtplib
 import sqlite3
 import subprocess
@@ -27,14 +30,15 @@ from openpyxl.utils import get_column_letter
 from conftest import RunningDaemon, Server, config_toml, eventually, free_port
 from dnsserver import DnsServer
 from esmail import formats, metrics
-from esmail.config import Address, Buckets, Config, FeedConfig, HttpConfig, SpoolConfig, StorageConfig
+from esmail.config import Address, Buckets, Config, FeedConfig, HttpConfig, SpoolConfig, StorageConfig, load
 from esmail.history import SqliteHistory
 from esmail.history import sqlite as sqlite_history
 from esmail.importer import Report
 from esmail.shapes import Shapes, seed
 from sheets import xlsx
 from test_operations import Recorder
-from test_web import Browser, csrf_of
+from test_page_problems import every_count_opens_its_rows
+from test_web import Browser, Table, csrf_of, finished, send
 
 local = pytest.mark.parametrize("config", ["local"], indirect=True)
 
@@ -55,6 +59,20 @@ def good(day: int = 1) -> bytes:
 
 def moved(day: int = 1) -> bytes:
     return f"{MOVED}\r\n2200013680374,Ecclesall,North,{day:02d}/11/2026,{VALUES}\r\n".encode()
+
+
+def inserted() -> bytes:
+    """EDF's file with a column inserted after the date: every row imports, each reading read a half hour off."""
+    header = "MPAN,Site,Date,Region," + ",".join(TIMES)
+    return (f"{header}\r\n2200013680374,Ecclesall,04/11/2026,North,{VALUES}\r\n2200013680375,Totley,04/11/2026,South,{VALUES}\r\n"
+            f"2200013680375,Totley,05/11/2026,South,{VALUES}\r\n").encode()
+
+
+def warned() -> bytes:
+    """EDF's file with a blank half hour in one row and Excel's MPAN in another: 3 of its 5 rows import."""
+    return (f"{HEADER}\r\n2200013680374,Ecclesall,01/11/2026,{VALUES}\r\n2200013680375,Totley,02/11/2026,{VALUES}\r\n"
+            f"2200013680376,Dore,02/11/2026,{VALUES.rsplit(',', 1)[0]},\r\n1.23405E+12,Beighton,03/11/2026,{VALUES}\r\n"
+            f"2200013680374,Ecclesall,03/11/2026,{VALUES}\r\n").encode()
 
 
 def message(to: str, data: bytes, name: str = "export.csv") -> bytes:
@@ -144,6 +162,113 @@ def dns():
     server = DnsServer().start()
     yield server
     server.stop()
+
+
+def declared_in_toml(config: Config, dns: DnsServer, tmp_path) -> Config:
+    """`config` with the page on and three `[[feed]]`s, loaded from TOML as `esmail serve` loads it: edf and npower each
+    with a `[feed.format]` (the importer's configuration of EDF's files), leeds expecting mail every second (late soon)."""
+    fmt = (f'[feed.format]\nnumber_of_header_rows = 1\nheader_example = "{HEADER}"\ndate_format = "%d/%m/%Y"\n'
+           f'mpan_mprn_field = "MPAN"\nreading_date_field = "Date"\nreading_fields = {json.dumps(TIMES)}\n')
+    toml = tmp_path / "feeds.toml"
+    toml.write_text(config_toml(config) + 'min_free = 0\n[worker]\nprocesses = 1\n[smtp]\ndomains = ["datafeeds.example.org"]\n'
+                    f'[http]\nlisten = "127.0.0.1:{free_port()}"\n[dns]\nnameservers = ["127.0.0.1:{dns.port}"]\n'
+                    f'[[feed]]\nprefix = "edf"\nname = "EDF Energy, half-hourly electricity"\n{fmt}'
+                    f'[[feed]]\nprefix = "leeds"\nexpected_every = "1s"\n[[feed]]\nprefix = "npower"\n{fmt}')
+    return load(toml, environ={})
+
+
+async def send_checked(server: RunningDaemon) -> tuple[str, str]:
+    """npower gets a file with warnings; edf one with warnings, then one whose header changed (its last). Their ids."""
+    send(server, message("npower@x", warned()), "npower@datafeeds.example.org")
+    with_warnings = send(server, message("edf@x", warned()), "edf@datafeeds.example.org")
+    header_changed = send(server, message("edf@x", inserted()), "edf@datafeeds.example.org")
+    assert await finished(server)
+    return with_warnings, header_changed
+
+
+def text(page: str) -> str:
+    """A page's text as a reader sees it, in one line."""
+    return html.unescape(" ".join(re.sub(r"<[^>]+>", " ", page).split()))
+
+
+@local
+async def test_the_page_and_the_api_say_what_the_importer_will_make_of_each_csv(config, dns, tmp_path):
+    """Over SMTP to feeds declared in TOML with a [feed.format]: the message page and /api/messages/{id} give each CSV's
+    verdict, counts, meters, dates, warnings with their first rows, and the columns that moved; /api/feeds and `/` give each
+    feed's last verdict as its status (header changed before late, warnings after it) and its last file's readings."""
+    with RunningDaemon(declared_in_toml(config, dns, tmp_path)) as server:
+        with_warnings, header_changed = await send_checked(server)
+        browser = Browser(server)
+        assert await eventually(lambda: [(f["prefix"], f["status"]) for f in browser.json("/api/feeds")["feeds"]] == [
+            ("edf", "header changed"), ("leeds", "late"), ("npower", "warnings")], timeout=10)
+        api = browser.json("/api/feeds")
+        feeds_page = browser.get("/")
+        changed_page, changed_api = browser.get(f"/messages/{header_changed}"), browser.json(f"/api/messages/{header_changed}")
+        warned_page, warned_api = browser.get(f"/messages/{with_warnings}"), browser.json(f"/api/messages/{with_warnings}")
+        counts = every_count_opens_its_rows(browser)
+
+    [raw, csv] = changed_api["files"]
+    assert (raw["role"], raw["check"], csv["role"], csv["name"]) == ("inbox", None, "amr_data", "export.csv")
+    report = csv["check"]
+    assert {k: report[k] for k in ("verdict", "reason", "rows", "filtered", "valid_rows", "days", "meters", "first_date", "last_date",
+                                   "warnings", "notes", "examples")} == {
+        "verdict": "header changed", "reason": "", "rows": 3, "filtered": 0, "valid_rows": 3, "days": 3, "meters": 2,
+        "first_date": "2026-11-04", "last_date": "2026-11-05", "warnings": {}, "notes": {"columns_added": 1}, "examples": []}
+    assert report["header"]["row"] == 1 and report["header"]["found"][3] == "Region" and report["header"]["missing"] == []
+    assert report["header"]["moved"][:2] == [{"name": "00:00", "expected": 4, "found": 5}, {"name": "00:30", "expected": 5, "found": 6}]
+    assert len(report["header"]["moved"]) == 48
+    seen = text(changed_page)
+    assert "What the importer will make of its CSV: header changed" in seen
+    assert ("header changed export.csv The importer reads each column at its place in header_example . These moved, so it would "
+            "import 3 rows from the wrong columns, without an error: 00:00 moved from column 4 to 5 00:30 moved from column 5 to 6") in seen
+    assert "23:30 moved from column 51 to 52" in seen and "42 more columns moved" in seen
+    assert "Rows 3 Rows that import 3 Meter-days 3 Meters 2 Dates 2026-11-04 to 2026-11-05" in seen
+    assert "Note: columns_added 1 (more columns than header_example has)" in seen and "with warnings" not in seen
+
+    [_, csv] = warned_api["files"]
+    report = csv["check"]
+    assert {k: report[k] for k in ("verdict", "rows", "valid_rows", "days", "meters", "first_date", "last_date", "warnings")} == {
+        "verdict": "warnings", "rows": 5, "valid_rows": 3, "days": 3, "meters": 2, "first_date": "2026-11-01", "last_date": "2026-11-03",
+        "warnings": {"missing_readings": 1, "invalid_non_numeric_mpan_mprn": 1}}
+    assert [(e["line"], e["warnings"], e["text"][:32]) for e in report["examples"]] == [
+        (4, ["missing_readings"], "2200013680376,Dore,02/11/2026,0."), (5, ["invalid_non_numeric_mpan_mprn"], "1.23405E+12,Beighton,03/11/2026,")]
+    seen = text(warned_page)
+    assert "What the importer will make of its CSV: warnings" in seen
+    assert "Rows 5 Rows that import 3 Meter-days 3 Meters 2 Dates 2026-11-01 to 2026-11-03" in seen and "moved" not in seen
+    assert Table(warned_page, "warnings").body() == [
+        ["missing_readings rows with too few half hours (blank or -): they do not import", "1"],
+        ["invalid_non_numeric_mpan_mprn MPANs that are not all digits (Excel's 1.23405E+12)", "1"]]
+    assert "The first 2 rows with warnings: line 4 missing_readings 2200013680376,Dore,02/11/2026,0.1,0.2," in seen
+    assert "line 5 invalid_non_numeric_mpan_mprn 1.23405E+12,Beighton,03/11/2026,0.1,0.2," in seen
+
+    edf = api["feeds"][0]
+    assert edf["last_check"] == {
+        "id": header_changed, "received": changed_api["received"], "href": f"/messages/{header_changed}", "verdict": "header changed",
+        "files": [{"name": "export.csv", "key": csv_key(changed_api), "href": csv_href(changed_api), "verdict": "header changed", "reason": "",
+                   "rows": 3, "filtered": 0, "valid_rows": 3, "days": 3, "meters": 2, "first_date": "2026-11-04", "last_date": "2026-11-05",
+                   "warnings": {}}]}
+    npower = api["feeds"][2]["last_check"]["files"][0]
+    assert (npower["verdict"], npower["rows"], npower["valid_rows"], npower["meters"], npower["first_date"], npower["last_date"]) == (
+        "warnings", 5, 3, 2, "2026-11-01", "2026-11-03")
+    assert api["feeds"][1]["last_check"] is None
+    rows = Table(feeds_page, "feeds").body()
+    assert [row[:3] + [row[4].split(" UTC ")[-1]] for row in rows] == [
+        ["edf EDF Energy, half-hourly electricity", "header changed", "last CSV: header changed",
+         "export.csv 3 of 3 rows import · 2 meters · 2026-11-04 to 2026-11-05"],
+        ["leeds", rows[1][1], "nothing", "never"],
+        ["npower", "warnings", "last CSV: warnings", "export.csv 3 of 5 rows import · 2 meters · 2026-11-01 to 2026-11-03"]]
+    assert rows[1][1].startswith("late mail was expected by ")
+    assert "Needs a human: 0 failed , 0 quarantined , edf's last CSV: header changed ." in text(feeds_page)
+    assert f'href="/messages/{header_changed}#checks">edf\'s last CSV: header changed</a>' in feeds_page
+    assert counts["/messages?prefix=edf&days=7"] == 2
+
+
+def csv_key(message: dict) -> str:
+    return next(f["key"] for f in message["files"] if f["role"] == "amr_data")
+
+
+def csv_href(message: dict) -> str:
+    return next(f["href"] for f in message["files"] if f["role"] == "amr_data")
 
 
 def esmail(*args: str, **kwargs) -> subprocess.CompletedProcess:

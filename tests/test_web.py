@@ -171,6 +171,7 @@ async def test_the_feeds_overview_after_a_good_and_a_bad_file(config):
         api = Browser(server).json("/api/feeds")
     rows = {row[0].split()[0]: row for row in Table(page, "feeds").body()}
     assert rows["sheffield"][:3] == ["sheffield Sheffield City Council", "ok", "nothing"] and rows["sheffield"][5] == "1"
+    assert rows["sheffield"][4].endswith(" UTC export.csv 1 row")
     assert rows["leeds"][1:3] == ["unprocessable files", "1 unprocessable file in 1 message, 7 days"] and rows["leeds"][4] == "never"
     assert rows["npower"][1:4] == ["ok", "nothing", "never"]
     assert "Last 24 hours: 2 stored, 0 quarantined, 0 failed" in " ".join(re.sub(r"<[^>]+>", "", page).split())

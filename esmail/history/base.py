@@ -397,6 +397,14 @@ class History(ABC):
                                 "WHERE f.role = 'amr_data' AND f.check_report IS NOT NULL AND m.received >= ? "
                                 f"ORDER BY m.received, f.{self.SEQ}", since)
 
+    def last_checks(self) -> list[dict]:
+        """The reports of each prefix's CSVs in its latest message that stored any (`prefixes.last_csv`, by the index on
+        message_prefixes): prefix, id, received, name, bucket, key, check_report — in the order they were written."""
+        return self._rows(("last_checks",), "SELECT f.prefix, f.id, mp.received, f.name, f.bucket, f.key, f.check_report "
+                          "FROM prefixes p JOIN message_prefixes mp ON mp.prefix = p.prefix AND mp.received = p.last_csv "
+                          "JOIN files f ON f.id = mp.id AND f.prefix = p.prefix "
+                          f"WHERE f.role = 'amr_data' AND f.check_report IS NOT NULL ORDER BY f.{self.SEQ}")
+
     def counts_since(self, since: str) -> dict[str, int]:
         """Messages per prefix received since `since` (the rows of `?prefix=…&days=…`)."""
         rows = self._rows(("counts_since",), "SELECT prefix, COUNT(*) AS n FROM message_prefixes WHERE received >= ? "

@@ -22,11 +22,17 @@ from urllib.parse import quote
 from esmail import feeds, mail
 from esmail.config import Config
 from esmail.history import FAILED, PAGE, QUARANTINED, QUEUED, STORED, WAITING, Filters, History, since, timestamp, urgency
+from esmail.importer import FORMAT_UNUSABLE, HEADER_CHANGED, NEW_SHAPE, OK, REJECTED, WARNINGS
 from esmail.spool import SUFFIX, Spool
 
 CHART_DAYS = 30
 RECENT_DAYS = 7  # a feed's messages and unprocessable files are counted over this many days
-STATUSES = ("failed", "quarantined", "late", "unprocessable files", "ok")  # a feed's status: the first that applies
+# A feed's status: the first that applies. Its last CSVs' verdict (DESIGN §16) is one: a file the importer would not read
+# as configured needs a human (after what waits in a spool, before lateness); warnings and a new shape only want a look.
+NEEDS_A_HUMAN = (HEADER_CHANGED, REJECTED, FORMAT_UNUSABLE)
+VERDICTS = (*NEEDS_A_HUMAN, WARNINGS, NEW_SHAPE)  # the verdicts that are a feed's status (ok is the last status anyway)
+STATUSES = (FAILED, QUARANTINED, *NEEDS_A_HUMAN, "late", "unprocessable files", WARNINGS, NEW_SHAPE, OK)
+READINGS = ("verdict", "reason", "rows", "filtered", "valid_rows", "days", "meters", "first_date", "last_date", "warnings")
 
 
 def waiting(spool: Spool, history: History, states: tuple[str, ...] = (FAILED, QUARANTINED)) -> list[dict]:
@@ -67,6 +73,7 @@ def overview(config: Config, spool: Spool, history: History) -> dict:
     recent = history.counts_since(week)
     unprocessable = history.unprocessable_since(week)
     held = waiting(spool, history)
+    checks = last_checks(history)
     day = since(days=1)
     declared = [feed.prefix for feed in config.feeds]
     seen = sorted(prefix for prefix, row in rows.items() if row["last_message"] and prefix not in declared)
@@ -82,15 +89,16 @@ def overview(config: Config, spool: Spool, history: History) -> dict:
         late = feed is not None and feeds.late(feed, timestamp(last), timestamp(first_declared), now)
         waits = {state: held_by_prefix.get((prefix, state), []) for state in (FAILED, QUARANTINED)}
         bad = unprocessable.get(prefix, {"messages": 0, "files": 0})
-        flags = {"failed": bool(waits[FAILED]), "quarantined": bool(waits[QUARANTINED]), "late": late, "unprocessable files": bool(bad["files"]),
-                 "ok": True}
+        check = checks.get(prefix)
+        flags = {FAILED: bool(waits[FAILED]), QUARANTINED: bool(waits[QUARANTINED]), "late": late, "unprocessable files": bool(bad["files"]),
+                 **{verdict: check is not None and check["verdict"] == verdict for verdict in VERDICTS}, OK: True}
         expected_by = None
         if feed is not None and feed.expected_every and (last or first_declared):
             expected_by = datetime.fromtimestamp(timestamp(last or first_declared) + feed.expected_every, timezone.utc).isoformat()
         listed.append({
             "prefix": prefix, "name": feed.name if feed else "", "declared": feed is not None,
             "expected_every": feed.expected_every if feed else None, "expected_by": expected_by,
-            "last_message": last, "last_csv": row["last_csv"] if row else None,
+            "last_message": last, "last_csv": row["last_csv"] if row else None, "last_check": check,
             "messages_7d": recent.get(prefix, 0), "messages_7d_href": "/messages?" + Filters(prefix=prefix, days=RECENT_DAYS).query(),
             "unprocessable_7d": {**bad, "href": "/messages?" + Filters(prefix=prefix, files="unprocessable", days=RECENT_DAYS).query()},
             "status": next(status for status in STATUSES if flags[status]),
@@ -113,6 +121,31 @@ def overview(config: Config, spool: Spool, history: History) -> dict:
         "days": [{"day": day, **{state: per_day.get(day, {}).get(state, 0) for state in (STORED, QUARANTINED, FAILED)}}
                  for day in days],
     }
+
+
+def last_checks(history: History) -> dict[str, dict]:
+    """prefix → what the importer will make of its last CSVs (those of its latest message that stored any, as their
+    reports say): the message, the most urgent verdict, and each CSV's verdict and readings."""
+    latest: dict[str, dict[tuple[str, str], dict[str, dict]]] = {}  # prefix → (received, id) → key → the CSV
+    for row in history.last_checks():
+        try:
+            report = json.loads(row["check_report"])
+        except ValueError:
+            continue
+        latest.setdefault(row["prefix"], {}).setdefault((row["received"], row["id"]), {})[row["key"]] = {
+            "name": row["name"], "key": row["key"], "href": object_href(row["bucket"], row["key"]),
+            **{name: report.get(name) for name in READINGS}}
+    found = {}
+    for prefix, by_message in latest.items():
+        (received, entry_id), files = max(by_message.items())
+        files = list(files.values())
+        found[prefix] = {"id": entry_id, "received": received, "href": f"/messages/{entry_id}",
+                         "verdict": min((f["verdict"] for f in files), key=_rank), "files": files}
+    return found
+
+
+def _rank(verdict: str) -> int:
+    return STATUSES.index(verdict) if verdict in STATUSES else len(STATUSES)
 
 
 def messages(spool: Spool, history: History, filters: Filters) -> dict:
@@ -254,7 +287,9 @@ def message(spool: Spool, history: History, entry_id: str) -> dict | None:
 
 
 def _object(f: dict) -> dict:
-    return {**{k: f[k] for k in ("prefix", "role", "name", "kind", "rule", "bucket", "key", "bytes", "reason")}, "href": object_href(f["bucket"], f["key"])}
+    """A stored object as the page shows it; `check`: a CSV's report as the history keeps it (DESIGN §16), else None."""
+    return {**{k: f[k] for k in ("prefix", "role", "name", "kind", "rule", "bucket", "key", "bytes", "reason")}, "href": object_href(f["bucket"], f["key"]),
+            "check": json.loads(f["check_report"]) if f.get("check_report") else None}
 
 
 def holder(history: History, entry_id: str, action: str) -> str | None:

@@ -17,6 +17,7 @@ from jinja2 import Environment, FileSystemLoader, StrictUndefined
 from esmail.config import describe_age, describe_duration
 from esmail.errors import ActionRefused, TemporaryFailure
 from esmail.history import FILES, STATES, Filters
+from esmail.importer import OK
 from esmail.web import data
 from esmail.web.access import CSRF_FIELD, check_csrf, csrf_token, who
 from esmail.web.chart import daily_bars
@@ -35,6 +36,20 @@ NOTES = {  # what a redirect after an action says (?done=): fixed texts, never t
     "release": "Released: it is processed now as if its feed had let it through.",
     "requested": "Requested: the host that holds it acts within seconds; this page shows what came of it.",
 }
+MEANINGS = {  # the importer's warnings and esmail's notes (DESIGN §16), in a few words beside their names
+    "missing_readings": "rows with too few half hours (blank or -): they do not import",
+    "missing_mpan_mprn": "rows without an MPAN/MPRN",
+    "invalid_non_numeric_mpan_mprn": "MPANs that are not all digits (Excel's 1.23405E+12)",
+    "missing_reading_date": "rows without a date",
+    "invalid_reading_date": "dates that date_format does not read",
+    "future_reading_date": "dates after today",
+    "duplicate_reading": "a meter and day (or half hour) again: the last one wins",
+    "header_row_moved": "the header is not on the row number_of_header_rows says",
+    "date_format_differs": "dates date_format does not read but the importer's fallback does: they import",
+    "columns_added": "more columns than header_example has",
+    "columns_removed": "fewer columns than header_example has, none of them read",
+    "unread_columns_renamed": "columns renamed that the importer does not read",
+}
 
 
 class Views:
@@ -45,6 +60,7 @@ class Views:
         self.history = daemon.history
         self.templates = Environment(loader=FileSystemLoader(HERE / "templates"), autoescape=True, undefined=StrictUndefined)
         self.templates.filters.update(when=_when, ago=_ago, size=_size, every=_every)
+        self.templates.globals.update(verdicts=(*data.VERDICTS, OK), needs_a_human=data.NEEDS_A_HUMAN, meanings=MEANINGS)
         self.buckets = {self.config.buckets.named(logical): logical for logical in ("inbox", "amr_data", "unprocessable")}
 
     # --- pages -----------------------------------------------------------------
