@@ -12,6 +12,7 @@ import pytest
 
 from conftest import RunningDaemon, eventually
 from esmail.config import FeedConfig, WorkerConfig
+from test_file_checks import declared_in_toml, dns, send_checked  # noqa: F401 - dns: the suite's DNS server, a fixture
 from test_web import message, quarantining, send, with_page
 
 
@@ -195,3 +196,29 @@ async def test_on_a_phone_no_page_is_wider_than_the_screen(config, chrome, tmp_p
         chrome.find_element(By.CSS_SELECTOR, "details.per-day summary").click()
         [today] = chrome.find_elements(By.CSS_SELECTOR, "table.days tbody tr")
         assert today.text.split()[-3:] == ["0", "1", "1"]  # stored, quarantined, failed today
+
+
+@pytest.mark.parametrize("config", ["local"], indirect=True)
+async def test_on_a_phone_the_importers_reports_fit_the_screen(config, chrome, dns, tmp_path):
+    """At 390 px, `/` and the pages of a CSV whose header changed and of one with warnings are no wider than the screen,
+    with every report's details open; a row of 48 readings scrolls inside its own box, and its verdict shows."""
+    from selenium.webdriver.common.by import By
+
+    with RunningDaemon(declared_in_toml(config, dns, tmp_path)) as server:
+        with_warnings, header_changed = await send_checked(server)
+        base = f"http://127.0.0.1:{server.daemon.monitor.port}"
+        await phone(chrome)
+        for path, verdict in (("/", "header changed"), (f"/messages/{header_changed}", "header changed"), (f"/messages/{with_warnings}", "warnings")):
+            chrome.get(base + path)
+            styled = "return getComputedStyle(document.querySelector('header')).display == 'flex'"
+            assert await eventually(lambda: chrome.execute_script(styled), timeout=10), path
+            for summary in chrome.find_elements(By.CSS_SELECTOR, "article.check details summary"):
+                summary.click()
+            assert chrome.find_element(By.CSS_SELECTOR, "td.status .badge, article.check h3 .badge").text == verdict
+            width, inner = chrome.execute_script("return [document.documentElement.scrollWidth, window.innerWidth]")
+            assert inner == 390 and width <= inner, (path, width, inner)
+            for row in chrome.find_elements(By.CSS_SELECTOR, "pre.row"):
+                scroll, client, right = chrome.execute_script(
+                    "const e = arguments[0]; return [e.scrollWidth, e.clientWidth, e.getBoundingClientRect().right]", row)
+                assert scroll > client and right <= 390, (path, row.text[:40], scroll, client, right)
+        assert len(chrome.find_elements(By.CSS_SELECTOR, "ul.examples pre.row")) == 2
