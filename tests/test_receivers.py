@@ -117,6 +117,7 @@ async def test_two_processes_hold_the_port_and_200_messages_land_once(two):
     assert len(accepted) == 200
     assert await eventually(lambda: len(inbox_ids(two.config)) == 200, timeout=60)
     assert sorted(accepted.values()) == inbox_ids(two.config)
+    assert await eventually(lambda: len(stored_csvs(two.config)) >= 200, timeout=60)  # the CSVs come after the inbox copies
     csvs = stored_csvs(two.config)
     assert sorted(csvs.values()) == sorted(f"MPAN,00:30\n2200013680374,{n}.5\n".encode() for n in range(200))
 
