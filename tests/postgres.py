@@ -83,9 +83,12 @@ class Postgres:
             cursor = conn.execute(statement)
             return cursor.fetchall() if cursor.description else []
 
-    def new_database(self, name: str) -> str:
-        """A database owned by the esmail role (made on first use), with the grants the README names; its URL."""
+    def new_database(self, name: str, owned: bool = True) -> str:
+        """A database owned by the esmail role (made on first use), as docs/many-hosts.md sets it up; its URL.
+        `owned=False`: the superuser's, where the role may connect but not create tables (no grant yet)."""
         if not self.sql(f"SELECT 1 FROM pg_roles WHERE rolname = '{ROLE}'"):
             self.sql(f"CREATE ROLE {ROLE} LOGIN PASSWORD '{PASSWORD}'")
-        self.sql(f"CREATE DATABASE {name} OWNER {ROLE}")
+        self.sql(f"CREATE DATABASE {name}" + (f" OWNER {ROLE}" if owned else ""))
+        if not owned:
+            self.sql("REVOKE CREATE ON SCHEMA public FROM PUBLIC", name)  # PostgreSQL before 15 lets everyone create there
         return self.url(name)

@@ -139,7 +139,7 @@ def test_a_password_in_the_url_is_a_config_error_that_does_not_echo_it(tmp_path)
 
 async def test_history_copy_moves_a_hosts_sqlite_history_into_postgresql_and_is_safe_to_run_twice(tmp_path, postgres_server, history_url):
     """`esmail history copy --to URL`: every message with its prefixes, files and outcomes, read back from PostgreSQL
-    as SQLite had them, each with this host's name; run again, nothing is doubled."""
+    as SQLite had them, each with this host's name; run again, nothing is doubled. Without a password, it says where one goes."""
     import os
     import subprocess
     import sys
@@ -177,6 +177,12 @@ async def test_history_copy_moves_a_hosts_sqlite_history_into_postgresql_and_is_
     done = subprocess.run([sys.executable, "-m", "esmail", "--config", str(toml), "history", "copy", "--to",
                            history_url.replace("esmail@", "esmail:hunter22@")], capture_output=True, text=True, env=env, timeout=60)
     assert done.returncode == 2 and "holds a password" in done.stderr and "hunter22" not in done.stderr
+    toml.write_text(f'[spool]\npath = "{spool}"\n')  # the one host, before its config names the database: no password anywhere
+    bare = {name: value for name, value in env.items() if name != "PGPASSWORD"} | {"PGPASSFILE": str(tmp_path / "no-pgpass")}
+    done = subprocess.run([sys.executable, "-m", "esmail", "--config", str(toml), "history", "copy", "--to", history_url],
+                          capture_output=True, text=True, env=bare, timeout=60)
+    assert done.returncode == 1 and "no password supplied (the password: in the variable [history] password_env names, or " \
+                                   "PGPASSWORD, or ~/.pgpass)" in done.stderr
 
 
 async def test_both_backends_keep_each_csvs_check_and_give_it_back_at_start(backend):

@@ -5,6 +5,7 @@ Each host is its own process, with its own spool, page and /metrics, as on two m
 
 from __future__ import annotations
 
+import os
 import smtplib
 import subprocess
 import sys
@@ -185,7 +186,7 @@ def test_every_count_on_each_hosts_page_equals_the_rows_its_link_opens(config, t
 
 def test_the_database_stopped_while_mail_flows_and_esmail_restarted_meanwhile(config, tmp_path, postgres_server, history_url):
     """With the database stopped, mail is taken and stored as ever; /healthz stays 200 and says the history is
-    unreachable with the rows waiting, /metrics has the backlog, the page says what it shows. esmail restarted during the
+    unreachable with the rows waiting, /metrics has the backlog, the page says what it shows (with its Host column). esmail restarted during the
     outage comes up; once the database is back, the history has every message."""
     host = Host("mx-a.example", config, tmp_path, history_url).start()
     sent = [host.send(message(subject="before"))]
@@ -198,6 +199,7 @@ def test_the_database_stopped_while_mail_flows_and_esmail_restarted_meanwhile(co
         assert health["status"] == "ok" and health["notes"][0].startswith("history: unreachable (10 rows waiting)")
         assert host.metric("esmail_history_backlog") == 10.0
         assert "This page shows what it had when it last answered" in Browser(host.page).get("/")
+        assert "<th>Host</th>" in Browser(host.page).get("/messages")  # the list keeps its Host column, never asked before
         assert host.server.terminate() == 0
         host.start()  # the database still away
         sent += [host.send(message(subject="after the restart"))]
@@ -212,19 +214,58 @@ def test_the_database_stopped_while_mail_flows_and_esmail_restarted_meanwhile(co
         assert host.server.terminate() == 0
 
 
+def check_config(host: Host, **env) -> subprocess.CompletedProcess:
+    """`esmail check-config` with the host's config and the database password in its variable (unless `env` says otherwise)."""
+    env = {**os.environ, **FAKE_AWS, HISTORY_PASSWORD_ENV: postgres.PASSWORD, **env}
+    return subprocess.run([sys.executable, "-m", "esmail", "--config", str(host.server.toml), "check-config"],
+                          capture_output=True, text=True, env=env, timeout=60)
+
+
 def test_check_config_connects_to_the_history(config, tmp_path, history_url):
     """check-config says `ok history …` for a live database and `FAILED history …` (exit 1) for a dead port."""
     host = Host("mx-a.example", config, tmp_path, history_url)
-    env = {**FAKE_AWS, HISTORY_PASSWORD_ENV: postgres.PASSWORD}
-
-    def check_config() -> subprocess.CompletedProcess:
-        return subprocess.run([sys.executable, "-m", "esmail", "--config", str(host.server.toml), "check-config"],
-                              capture_output=True, text=True, env={**__import__("os").environ, **env}, timeout=60)
-
-    done = check_config()
+    done = check_config(host)
     assert done.returncode == 0, done.stdout + done.stderr
     assert f"ok      history {history_url}: PostgreSQL" in done.stdout
     dead = history_url.replace(history_url.split(":")[2].split("/")[0], str(free_port()))
     host.server.toml.write_text(host.server.toml.read_text().replace(history_url, dead))
-    done = check_config()
+    done = check_config(host)
     assert done.returncode == 1 and f"FAILED  history {dead}" in done.stdout and "refused" in done.stdout
+
+
+def test_the_first_host_on_an_empty_database_makes_the_schema_before_anything_reads_it(config, tmp_path, history_url):
+    """A host started on a new, empty database: its page answers and nothing logs "cannot read the history" (its first
+    reads, at start, came before the schema was made)."""
+    host = Host("mx-a.example", config, tmp_path, history_url).start()
+    try:
+        assert "No messages." in Browser(host.page).get("/messages")
+        sent = host.send(message())
+        assert wait_for(lambda: [m["id"] for m in host.api("/api/messages")["messages"]] == [sent])
+        assert "cannot read the history" not in host.log()
+    finally:
+        assert host.server.terminate() == 0
+
+
+def test_a_role_that_may_not_make_the_tables_is_told_the_grant_and_no_history_is_lost(config, tmp_path, postgres_server):
+    """In a database where the role may not create tables: check-config fails naming the GRANT; `esmail serve` stores the
+    mail, /healthz names the missing privilege with the rows waiting; once granted, the history has the message."""
+    name = f"ungranted_{os.getpid()}"
+    url = postgres_server.new_database(name, owned=False)
+    host = Host("mx-a.example", config, tmp_path, url)
+    done = check_config(host)
+    assert done.returncode == 1
+    assert (f"FAILED  history {url}: no esmail schema yet, and the role {postgres.ROLE} may not make it in the schema public: "
+            f"make {postgres.ROLE} the database's owner, or GRANT USAGE, CREATE ON SCHEMA public TO {postgres.ROLE}") in done.stdout
+    host.start()
+    try:
+        host.send(message())
+        assert wait_for(lambda: host.metric("esmail_history_backlog") == 1.0)
+        notes = host.api("/healthz")["notes"]
+        assert notes[0].startswith("history: unreachable (1 row waiting)")
+        assert "permission denied for schema public" in notes[0] and f"CREATE ON SCHEMA public TO {postgres.ROLE}" in notes[0]
+        assert "refused by the database" not in host.log()  # the row waits; it is not dropped as a bad one
+        postgres_server.sql(f"GRANT USAGE, CREATE ON SCHEMA public TO {postgres.ROLE}", name)
+        assert wait_for(lambda: len(host.api("/api/messages")["messages"]) == 1, timeout=30)
+        assert "notes" not in host.api("/healthz")
+    finally:
+        assert host.server.terminate() == 0

@@ -14,7 +14,7 @@ from pathlib import Path
 
 import psycopg
 
-from esmail.history.postgres import CONNECT_TIMEOUT, _Db, _migrate
+from esmail.history.postgres import CONNECT_TIMEOUT, _Db, _migrate, connect
 from esmail.history.sqlite import FILE_NAME, _opened
 
 BATCH = 1_000  # messages a transaction
@@ -26,7 +26,7 @@ def copy(spool_path: Path, host: str, url: str, password: str | None) -> int:
     source = _opened(Path(spool_path) / FILE_NAME)  # brought up to this esmail's version first
     try:
         ids = [row["id"] for row in source.execute("SELECT id FROM messages ORDER BY received, rowid")]
-        with psycopg.connect(url, connect_timeout=CONNECT_TIMEOUT, autocommit=True, row_factory=psycopg.rows.dict_row,
+        with connect(url, connect_timeout=CONNECT_TIMEOUT, autocommit=True, row_factory=psycopg.rows.dict_row,
                              **({"password": password} if password else {})) as conn:
             _migrate(conn)
             db = _Db(conn)

@@ -131,6 +131,7 @@ class PostgresHistory(History):
         self._answers_lock = threading.Lock()
         self._in_hand = 0  # rows the writer took from the queue and has not written or journalled yet
         self._counting = threading.Lock()  # rows move from in hand to the journal as one step, for backlog()
+        self._ready = threading.Event()  # set once the writer has tried the database: the schema is made, or why not is known
         self._writer = threading.Thread(target=self._write_loop, name="history", daemon=True)
         self._writer.start()
 
@@ -172,6 +173,8 @@ class PostgresHistory(History):
         return f"unreachable since {time.strftime('%Y-%m-%d %H:%M:%S UTC', time.gmtime(self._down_since))}: {self._down_why}"
 
     def _write_loop(self) -> None:
+        self._transaction(_nothing)  # the schema made (or brought up to date) before anything reads it
+        self._ready.set()
         while True:
             batch = self._take()
             stop = _STOP in batch
@@ -203,6 +206,8 @@ class PostgresHistory(History):
             self._keep(batch)
         elif batch and not self._apply(batch):
             self._keep(batch)
+        elif not batch and self._down_since is not None:
+            self._transaction(_nothing)  # nothing waits, but the page says the database is away until it is back
 
     def _keep(self, batch: list[dict]) -> None:
         with self._counting:
@@ -240,8 +245,12 @@ class PostgresHistory(History):
         self._tried = time.monotonic()
         try:
             if self._conn is None or self._conn.closed or self._conn.broken:
-                self._conn = psycopg.connect(self.url, **self._kwargs)
+                self._conn = connect(self.url, **self._kwargs)
                 _migrate(self._conn)
+        except psycopg.Error as exc:  # away, or the schema cannot be made: the rows are not at fault, they wait
+            self._went_down(exc)
+            return False
+        try:
             with self._conn.transaction():
                 write(_Db(self._conn), *args)
         except psycopg.OperationalError as exc:
@@ -260,7 +269,7 @@ class PostgresHistory(History):
             self._conn = None
         if self._down_since is None:
             self._down_since = time.time()
-            log.warning("history: the database %s does not answer (%s); rows wait in %s and are written once it is back "
+            log.warning("history: cannot write to the database %s (%s); rows wait in %s and are written once it is back "
                         "(no mail is held up)", self, why, self.journal)
         self._down_why = why
 
@@ -296,7 +305,7 @@ class PostgresHistory(History):
         while True:
             try:
                 if conn is None or conn.closed or conn.broken:
-                    conn = psycopg.connect(self.url, **self._kwargs)
+                    conn = connect(self.url, **self._kwargs)
                     conn.execute(f"LISTEN {_CHANNEL}")
                 for _ in conn.notifies(timeout=REQUEST_POLL, stop_after=1):
                     pass
@@ -311,6 +320,7 @@ class PostgresHistory(History):
 
     def _read(self, function: Callable[[Db], Any], key: tuple | None) -> Any:
         """While the database is away, the answer it last gave (the page says so) rather than a wait on every query."""
+        self._ready.wait(CONNECT_TIMEOUT + 1)  # at start: until the writer has made the schema, or found the database away
         if self._down_since is None:
             try:
                 with self.pool.connection(timeout=CONNECT_TIMEOUT) as conn:
@@ -330,19 +340,43 @@ class PostgresHistory(History):
             return self._answers.get(key) if key is not None else None
 
 
+def connect(url: str, **kwargs) -> psycopg.Connection:
+    """psycopg.connect, and where the password comes from when the server asked for one and none was given."""
+    try:
+        return psycopg.connect(url, **kwargs)
+    except psycopg.OperationalError as exc:
+        if "no password supplied" not in str(exc):
+            raise
+        raise psycopg.OperationalError(f"{str(exc).strip()} (the password: in the variable [history] password_env names, "
+                                       "or PGPASSWORD, or ~/.pgpass)") from exc
+
+
 def probe(url: str, password: str | None) -> str:
     """For check-config: what the database says, or psycopg.Error when it cannot be reached or used."""
-    with psycopg.connect(url, connect_timeout=CONNECT_TIMEOUT, autocommit=True, **({"password": password} if password else {})) as conn:
+    with connect(url, connect_timeout=CONNECT_TIMEOUT, autocommit=True, **({"password": password} if password else {})) as conn:
         server = conn.execute("SHOW server_version").fetchone()[0]
         if conn.execute("SELECT to_regclass('schema')").fetchone()[0] is None:
-            return (f"{_without_secrets(url)}: PostgreSQL {server}, no esmail schema yet (the first esmail serve makes it: "
-                    "its role needs CREATE on the schema)")
+            user, schema, allowed = conn.execute("SELECT current_user, current_schema(), "
+                                                 "has_schema_privilege(coalesce(current_schema(), 'public'), 'CREATE')").fetchone()
+            if not allowed:
+                raise psycopg.OperationalError(f"no esmail schema yet, and the role {user} may not make it in the schema "
+                                               f"{schema or 'public'}: {_grant(user, schema or 'public')}")
+            return f"{_without_secrets(url)}: PostgreSQL {server}, no esmail schema yet (the first esmail serve makes it)"
         version = conn.execute("SELECT version FROM schema").fetchone()[0]
         count = conn.execute("SELECT COUNT(*) FROM messages").fetchone()[0]
         hosts = [row[0] for row in conn.execute("SELECT DISTINCT host FROM messages ORDER BY host")]
     newer = f" (newer than this esmail's {VERSION}: upgrade esmail)" if version > VERSION else ""
     return (f"{_without_secrets(url)}: PostgreSQL {server}, schema version {version}{newer}, {count:,} message{'' if count == 1 else 's'}"
             f"{' from ' + ', '.join(hosts) if hosts else ''}")
+
+
+def _grant(role: str, schema: str) -> str:
+    """What lets `role` make and change esmail's tables (the guide's SQL)."""
+    return f"make {role} the database's owner, or GRANT USAGE, CREATE ON SCHEMA {schema} TO {role} (docs/many-hosts.md)"
+
+
+def _nothing(db: Db) -> None:
+    """A write of nothing: the connection made and the schema ready, or the reason why not."""
 
 
 def _notifying(db: Db, *args) -> bool:
@@ -372,6 +406,16 @@ def _apply_all(db: Db, rows: list[dict]) -> None:
 
 def _migrate(conn: psycopg.Connection) -> None:
     """Make the schema, or bring it up to this esmail's version; one host at a time."""
+    try:
+        _migrate_locked(conn)
+    except psycopg.errors.InsufficientPrivilege as exc:
+        row = conn.execute("SELECT current_user AS role, coalesce(current_schema(), 'public') AS schema").fetchone()
+        raise psycopg.OperationalError(
+            f"{str(exc).strip().splitlines()[0]}: esmail makes and changes its tables as the role {row['role']}: "
+            f"{_grant(row['role'], row['schema'])}") from exc
+
+
+def _migrate_locked(conn: psycopg.Connection) -> None:
     with conn.transaction():
         conn.execute("SELECT pg_advisory_xact_lock(%s)", (_LOCK,))
         conn.execute("CREATE TABLE IF NOT EXISTS schema (version INTEGER NOT NULL)")
