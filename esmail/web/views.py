@@ -74,8 +74,8 @@ class Views:
         listed = await asyncio.to_thread(data.messages, self.spool, self.history, filters)
         prefixes = await asyncio.to_thread(self._known_prefixes)
         hosts = await asyncio.to_thread(self.history.hosts) if self.history.shared else []
-        return self._render(request, "messages.html", states=STATES, prefixes=prefixes, hosts=hosts, files_filters=FILES,
-                            query=filters.query, **listed)
+        return self._render(request, "messages.html", states=STATES, prefixes=prefixes, hosts=hosts, shared=self.history.shared,
+                            files_filters=FILES, query=filters.query, **listed)
 
     async def message(self, request: web.Request) -> web.Response:
         found = await self._message(request)
