@@ -79,7 +79,7 @@ def wait_for(check, timeout: float = 30.0):
 
 def test_both_pages_list_both_hosts_messages(config, tmp_path, history_url):
     """Mail taken by host A and by host B: each host's page and API list both, each with its host; ?host= narrows; the feed's
-    last CSV is one of them."""
+    last CSV is one of them; `/` names the host whose queue it counts."""
     a, b = (Host(name, config, tmp_path, history_url).start() for name in ("mx-a.example", "mx-b.example"))
     try:
         via_a = a.send(message(subject="via a"))
@@ -95,6 +95,7 @@ def test_both_pages_list_both_hosts_messages(config, tmp_path, history_url):
             [feed] = host.api("/api/feeds")["feeds"]  # the last CSV's report, whichever host took it, from PostgreSQL
             assert feed["last_check"]["id"] in (via_a, via_b) and [(f["name"], f["verdict"], f["rows"]) for f in feed["last_check"]["files"]] == [
                 ("export.csv", "ok", 1)]
+            assert f"<strong>Queued on {host.name}:</strong>" in Browser(host.page).get("/")  # which host's queue
     finally:
         for host in (a, b):
             assert host.server.terminate() == 0

@@ -74,8 +74,8 @@ class Views:
         listed = await asyncio.to_thread(data.messages, self.spool, self.history, filters)
         prefixes = await asyncio.to_thread(self._known_prefixes)
         hosts = await asyncio.to_thread(self.history.hosts) if self.history.shared else []
-        return self._render(request, "messages.html", states=STATES, prefixes=prefixes, hosts=hosts, shared=self.history.shared,
-                            files_filters=FILES, query=filters.query, **listed)
+        return self._render(request, "messages.html", states=STATES, prefixes=prefixes, hosts=hosts, files_filters=FILES,
+                            query=filters.query, **listed)
 
     async def message(self, request: web.Request) -> web.Response:
         found = await self._message(request)
@@ -152,6 +152,7 @@ class Views:
         html = self.templates.get_template(template).render(
             stage=self.config.stage, csrf_field=CSRF_FIELD, csrf=csrf_token(request), note=NOTES.get(request.query.get("done", "")),
             history_problem=self.history.problem(), history_backlog=self.history.backlog(), this_host=self.history.host,
+            shared=self.history.shared,
             dns_problem=self.daemon.dns.problem() if self.daemon.dns is not None else None, **context)
         return web.Response(text=html, content_type="text/html", charset="utf-8")
 
