@@ -102,10 +102,12 @@ def test_both_pages_list_both_hosts_messages(config, tmp_path, history_url):
 
 
 def test_a_feed_mailed_only_through_b_is_not_late_on_a_and_when_it_goes_quiet_one_warning(config, tmp_path, history_url):
-    """A feed expected every 4 s gets its mail only through host B: host A's page and /metrics say it is on time.
-    When the mail stops, both hosts' /metrics say late, and one warning and one Rollbar report go out across both."""
+    """A feed expected every 8 s gets its mail only through host B: host A's page and /metrics say it is on time.
+    When the mail stops, both hosts' /metrics say late, and one warning and one Rollbar report go out across both.
+    (8 s, not less: on a loaded machine B's worker can file a message seconds after it arrived, and the feed then
+    really looks late for a moment, to both hosts.)"""
     recorder = Recorder()
-    feed = f'[rollbar]\nendpoint = "{recorder.url}/api/1/"\n[[feed]]\nprefix = "sheffield"\nexpected_every = "4s"\n'
+    feed = f'[rollbar]\nendpoint = "{recorder.url}/api/1/"\n[[feed]]\nprefix = "sheffield"\nexpected_every = "8s"\n'
     a, b = (Host(name, config, tmp_path, history_url, feed) for name in ("mx-a.example", "mx-b.example"))
     b.start(ROLLBAR_ACCESS_TOKEN=TOKEN)
     b.send(message())  # the feed has mail before A looks (however long A takes to start on a busy machine)
@@ -118,7 +120,7 @@ def test_a_feed_mailed_only_through_b_is_not_late_on_a_and_when_it_goes_quiet_on
             assert a.metric("esmail_feed_late", prefix="sheffield") in (None, 0.0)
         assert [f["status"] for f in a.api("/api/feeds")["feeds"] if f["prefix"] == "sheffield"] == ["ok"]
         for host in (a, b):
-            assert wait_for(lambda host=host: host.metric("esmail_feed_late", prefix="sheffield") == 1.0, timeout=20)
+            assert wait_for(lambda host=host: host.metric("esmail_feed_late", prefix="sheffield") == 1.0, timeout=30)
         time.sleep(2)  # each host looked again: still one warning
         warnings = [line for host in (a, b) for line in host.log().splitlines() if "feed sheffield is late" in line]
         assert len(warnings) == 1, warnings
