@@ -313,6 +313,20 @@ async def test_markup_in_a_subject_and_a_file_name_shows_as_text(config):
 
 
 @local
+async def test_the_stylesheet_link_names_its_content_so_an_upgrade_is_never_shown_with_an_old_one(config):
+    """The page links /static/esmail.css?v=<the first 12 hex digits of the served stylesheet's SHA-256>: a browser
+    that cached the stylesheet of an earlier esmail fetches the new one with the new page."""
+    import hashlib
+
+    with RunningDaemon(with_page(config)) as server:
+        browser = Browser(server)
+        [link] = re.findall(r'<link rel="stylesheet" href="([^"]+)">', browser.get("/"))
+        status, headers, css = browser.request(link)
+    assert status == 200 and headers["Content-Type"].startswith("text/css") and b".chart" in css
+    assert link == f"/static/esmail.css?v={hashlib.sha256(css).hexdigest()[:12]}"
+
+
+@local
 async def test_messages_are_paged_and_filtered_by_feed_state_and_text(config):
     """55 messages: 50 on the first page, newest first, 5 on the second; ?prefix=, ?state=, ?q= (From, Subject, file name)."""
     with RunningDaemon(with_page(config)) as server:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import hashlib
 import logging
 import mimetypes
 import re
@@ -60,7 +61,10 @@ class Views:
         self.history = daemon.history
         self.templates = Environment(loader=FileSystemLoader(HERE / "templates"), autoescape=True, undefined=StrictUndefined)
         self.templates.filters.update(when=_when, ago=_ago, size=_size, every=_every)
-        self.templates.globals.update(verdicts=(*data.VERDICTS, OK), needs_a_human=data.NEEDS_A_HUMAN, meanings=MEANINGS)
+        # the stylesheet read once; its link names its content, so a browser never keeps an old one after an upgrade
+        self.css = (HERE / "static" / "esmail.css").read_text()
+        self.templates.globals.update(verdicts=(*data.VERDICTS, OK), needs_a_human=data.NEEDS_A_HUMAN, meanings=MEANINGS,
+                                      stylesheet=f"/static/esmail.css?v={hashlib.sha256(self.css.encode()).hexdigest()[:12]}")
         self.buckets = {self.config.buckets.named(logical): logical for logical in ("inbox", "amr_data", "unprocessable")}
 
     # --- pages -----------------------------------------------------------------
@@ -82,8 +86,7 @@ class Views:
         return self._render(request, "message.html", message=found)
 
     async def stylesheet(self, request: web.Request) -> web.Response:
-        return web.Response(text=(HERE / "static" / "esmail.css").read_text(), content_type="text/css",
-                            headers={"Cache-Control": "max-age=3600"})
+        return web.Response(text=self.css, content_type="text/css", headers={"Cache-Control": "max-age=86400"})
 
     # --- actions ---------------------------------------------------------------
 
