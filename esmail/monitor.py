@@ -59,7 +59,7 @@ class Monitor:
         history = self.daemon.history
         problem, waiting = history.problem(), history.backlog()
         if problem is not None:
-            found.append(f"history: unreachable ({waiting} row{'' if waiting == 1 else 's'} waiting): {problem}")
+            found.append(f"history: unreachable ({waiting} row{'' if waiting == 1 else 's'} waiting) {problem.removeprefix('unreachable ')}")
         if self.daemon.dns is not None and self.daemon.dns.problem():
             found.append(self.daemon.dns.problem())
         return found

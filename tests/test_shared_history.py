@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import os
 import smtplib
+import re
 import subprocess
 import sys
 import time
@@ -264,7 +265,7 @@ def test_a_role_that_may_not_make_the_tables_is_told_the_grant_and_no_history_is
         host.send(message())
         assert wait_for(lambda: host.metric("esmail_history_backlog") == 1.0)
         notes = host.api("/healthz")["notes"]
-        assert notes[0].startswith("history: unreachable (1 row waiting)")
+        assert re.match(r"history: unreachable \(1 row waiting\) since \d{4}-\d\d-\d\d \d\d:\d\d:\d\d UTC: ", notes[0]), notes
         assert "permission denied for schema public" in notes[0] and f"CREATE ON SCHEMA public TO {postgres.ROLE}" in notes[0]
         assert "refused by the database" not in host.log()  # the row waits; it is not dropped as a bad one
         postgres_server.sql(f"GRANT USAGE, CREATE ON SCHEMA public TO {postgres.ROLE}", name)
