@@ -6,8 +6,8 @@ Each host is its own process, with its own spool, page and /metrics, as on two m
 from __future__ import annotations
 
 import os
-import smtplib
 import re
+import smtplib
 import subprocess
 import sys
 import time
