@@ -137,13 +137,20 @@ def check_all(outputs: list[Output], formats: dict[str, Format | Unusable]) -> d
 
 
 def convert_entries(paths: list[Path], ascii_only: bool = False, link_patterns: tuple[str, ...] = (),
-                    formats: list[dict[str, Format | Unusable]] | None = None) -> list:
+                    formats: list[dict[str, Format | Unusable]] | None = None, requests: list | None = None) -> list:
     """`convert_entry` of several entries in one trip to the pool (small messages: the trip costs more than their
-    conversion), each with its prefixes' formats; each result is a Converted, or the exception its conversion raised."""
+    conversion), each with its prefixes' formats; each result is a Converted, or the exception its conversion raised.
+    An entry with an `authentication.Request` (feeds declared) is authenticated first: its result is
+    `authentication.authenticate_and_convert`'s."""
     results = []
-    for path, each in zip(paths, formats or [None] * len(paths)):
+    for path, each, request in zip(paths, formats or [None] * len(paths), requests or [None] * len(paths)):
         try:
-            results.append(convert_entry(path, ascii_only, link_patterns, each))
+            if request is None:
+                results.append(convert_entry(path, ascii_only, link_patterns, each))
+            else:
+                from esmail.authentication import authenticate_and_convert  # dkimpy, pyspf: only where feeds are declared
+
+                results.append(authenticate_and_convert(path, request, ascii_only, link_patterns, each))
         except Exception as exc:
             try:
                 pickle.dumps(exc)

@@ -36,7 +36,7 @@ from esmail.spool import Entry, EntryState, Envelope, Spool
 from esmail.store import Store
 
 if TYPE_CHECKING:  # the checks themselves (dkimpy, pyspf, dnspython) are imported only where feeds are declared
-    from esmail.authentication import Authentication
+    from esmail.authentication import Authentication, Request
     from esmail.dns_health import DnsHealth
     from esmail.feeds import Refusal
 
@@ -82,7 +82,8 @@ class Worker:
         self._told = False  # a NeedsFixing went to Rollbar since the last write that worked: once is enough
         self._converting = asyncio.Semaphore(process_pool_size(config))  # calls in the pool at once: one per process
         self._finished: Batches[str, None] = Batches(lambda entry_ids: self.spool.done(*entry_ids))
-        self._to_convert: deque[tuple[Path, int, dict, asyncio.Future]] = deque()  # small entries waiting for the pool: sizes, formats
+        # small entries waiting for the pool: sizes, formats, authentication requests (None: not to authenticate)
+        self._to_convert: deque[tuple[Path, int, dict, Request | None, asyncio.Future]] = deque()
         self._senders = 0  # tasks sending them there, at most one a process
         # What the importer will make of each CSV (DESIGN §16), remembered here so that no message waits on a database:
         self.shapes = Shapes(config.history.keep_days * 86400)  # prefixes without a format: their recent header rows
@@ -265,7 +266,7 @@ class Worker:
         """
         if not self.config.feeds:
             return None, None
-        from esmail.authentication import Authentication, Request, authenticate_and_convert
+        from esmail.authentication import Authentication, Request
 
         envelope, state = entry.envelope, entry.state
         if envelope.held:
@@ -278,8 +279,7 @@ class Worker:
         request = Request(dns, self.config.smtp.hostname, client=envelope.client if smtp else "",
                           helo=envelope.helo if smtp else "", mail_from=envelope.sender if smtp else "",
                           trusted_authserv_id=envelope.trusted_authserv_id, dns_down=dns_down)
-        auth, converted = await self._in_pool(alone, authenticate_and_convert, entry.path, request, self.config.csv.ascii_only,
-                                              self.config.links.patterns, self.config.formats_for(envelope.folders))
+        auth, converted = await self._convert(entry, alone, request)
         if self.dns is not None and not dns_down:
             self.dns.heard(auth.dns_trouble)
         return auth, converted
@@ -314,14 +314,20 @@ class Worker:
                 extra={"spool_id": envelope.id, "client": envelope.client, "sender": envelope.sender, "prefixes": prefixes,
                        "size": size, "outcome": outcome, "objects": objects, "seconds": seconds, **extra})
 
-    async def _convert(self, entry: Entry, alone: bool) -> Converted:
-        """`convert_entry` in the pool; small entries that wait for it meanwhile are sent together (BATCH)."""
+    async def _convert(self, entry: Entry, alone: bool, request: Request | None = None):
+        """`convert_entry` in the pool, or with a `request` `authenticate_and_convert`; small entries that wait for it
+        meanwhile are sent together (BATCH)."""
         size = entry.path.stat().st_size
         formats = self.config.formats_for(entry.envelope.folders)  # each CSV checked with them there (DESIGN §16)
         if alone or self.executor is None or size >= BATCH_BYTES:
-            return await self._in_pool(alone, convert_entry, entry.path, self.config.csv.ascii_only, self.config.links.patterns, formats)
+            if request is None:
+                return await self._in_pool(alone, convert_entry, entry.path, self.config.csv.ascii_only, self.config.links.patterns, formats)
+            from esmail.authentication import authenticate_and_convert
+
+            return await self._in_pool(alone, authenticate_and_convert, entry.path, request, self.config.csv.ascii_only,
+                                       self.config.links.patterns, formats)
         converted = asyncio.get_running_loop().create_future()
-        self._to_convert.append((entry.path, size, formats, converted))
+        self._to_convert.append((entry.path, size, formats, request, converted))
         if self._senders < process_pool_size(self.config):
             self._senders += 1
             asyncio.create_task(self._send_conversions())
@@ -334,12 +340,13 @@ class Worker:
                 while self._to_convert and len(batch) < BATCH and size < BATCH_BYTES:
                     batch.append(self._to_convert.popleft())
                     size += batch[-1][1]
+                paths, _, formats, requests, futures = zip(*batch)
                 try:
-                    results = await self._in_pool(False, convert_entries, [path for path, _, _, _ in batch], self.config.csv.ascii_only,
-                                                  self.config.links.patterns, [formats for _, _, formats, _ in batch])
+                    results = await self._in_pool(False, convert_entries, list(paths), self.config.csv.ascii_only,
+                                                  self.config.links.patterns, list(formats), list(requests))
                 except Exception as exc:  # the pool died (every entry in it shares the blame) or a bug
                     results = [exc] * len(batch)
-                settle([future for _, _, _, future in batch], results)
+                settle(list(futures), results)
         finally:
             self._senders -= 1
 
