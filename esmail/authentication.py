@@ -11,14 +11,19 @@ aligned with a passing SPF or DKIM identity — whether or not the domain
 publishes a record.
 
 Runs in a conversion process (or a thread): a 40 MB body is hashed here.
+Within the TTL of the DNS answers they were worked out from, an SPF result
+and a DMARC record are remembered (a feed sends from the same hosts all
+day): they are functions of those answers and of the message's envelope.
 """
 
 from __future__ import annotations
 
 import functools
 import logging
+import math
 import socket
 import threading
+import time
 from dataclasses import dataclass
 from email.utils import getaddresses
 from pathlib import Path
@@ -84,6 +89,7 @@ def _suffixes() -> PublicSuffixList:
     return PublicSuffixList()
 
 
+@functools.lru_cache(maxsize=4096)
 def organisational_domain(domain: str) -> str:
     """`reports.sheffield.gov.uk` → `sheffield.gov.uk` (RFC 7489 §3.2, with the public suffix list)."""
     return _suffixes().privatesuffix(domain) or domain
@@ -101,14 +107,15 @@ def authenticate_entry(path: Path, request: Request) -> Authentication:
 
 
 def authenticate_and_convert(path: Path, request: Request, ascii_only: bool, link_patterns: tuple[str, ...], formats: dict | None = None):
-    """`authenticate_entry`, then `conversion.convert_entry` (each CSV checked with its prefixes' `formats`) in the same
-    trip to the conversion pool (wasted only on a message every feed refuses); a conversion that raises gives None,
-    for the worker's own call to meet the error."""
-    from esmail.conversion import convert_entry
+    """`authenticate_entry`, then `conversion.convert` (each CSV checked with its prefixes' `formats`) of the same bytes
+    in the same trip to the conversion pool (wasted only on a message every feed refuses); a conversion that raises
+    gives None, for the worker's own call to meet the error."""
+    from esmail.conversion import convert
 
-    auth = authenticate_entry(path, request)
+    message = [read_entry(path)[1]]
+    auth = authenticate(message[0], request)
     try:
-        return auth, convert_entry(path, ascii_only, link_patterns, formats)
+        return auth, convert(message.pop(), ascii_only, link_patterns, formats)  # popped: convert drops the bytes when it is done with them
     except Exception:
         return auth, None
 
@@ -176,6 +183,14 @@ def _single_from(headers) -> str:
 
 def _spf(lookups: Lookups, request: Request, troubles: list[str]) -> tuple[str, str]:
     """SPF of the MAIL FROM domain (the HELO name for a null sender): (result, the domain it vouches for when it passes)."""
+    key = (request.dns, request.client, request.mail_from, request.helo)
+    result = _remembered(_spf_results, key, lookups, lambda: _check_spf(lookups, request, troubles))
+    domain = domain_of(request.mail_from) if request.mail_from else request.helo.lower()
+    return result, domain if result == "pass" else ""
+
+
+def _check_spf(lookups: Lookups, request: Request, troubles: list[str]) -> str:
+    """pyspf's result; a temperror (DNS trouble) raises _NotFinal after saying why in `troubles`."""
     _current.lookups = lookups
     try:
         result, explanation = spf.check2(i=request.client, s=request.mail_from, h=request.helo or "unknown", querytime=0)
@@ -183,19 +198,52 @@ def _spf(lookups: Lookups, request: Request, troubles: list[str]) -> tuple[str, 
         _current.lookups = None
     if result == "temperror":
         troubles.append(f"SPF: {explanation}")
-    domain = domain_of(request.mail_from) if request.mail_from else request.helo.lower()
-    return result, domain if result == "pass" else ""
+        raise _NotFinal(result)
+    return result
+
+
+class _NotFinal(Exception):
+    """A result not to remember (DNS trouble): `args[0]` is the result."""
+
+
+REMEMBERED = 10_000  # results kept in each cache of a conversion process
+_spf_results: dict[tuple, tuple[float, str]] = {}  # (dns config, client IP, MAIL FROM, HELO) → (until, SPF result)
+_dmarc_records: dict[tuple, tuple[float, dict[str, str]]] = {}  # (dns config, From domain) → (until, its DMARC record's tags)
+
+
+def _remembered(cache: dict, key: tuple, lookups: Lookups, work_out):
+    """`work_out()`, remembered under `key` until the first DNS answer it used expires: within every answer's TTL
+    the same lookups give the same answers, so the result is the same (pyspf's reads nothing else but its arguments).
+    A `_NotFinal` result is returned as it is, not remembered; DnsTrouble is raised, not remembered."""
+    now = time.time()
+    hit = cache.get(key) if not lookups.down else None  # DNS known down: nothing looked up, nothing taken from before
+    if hit is not None and hit[0] > now:
+        lookups.expires = min(lookups.expires, hit[0])
+        return hit[1]
+    outer, lookups.expires = lookups.expires, math.inf
+    try:
+        value = work_out()
+    except _NotFinal as exc:
+        return exc.args[0]
+    finally:
+        until, lookups.expires = lookups.expires, min(outer, lookups.expires)
+    if until > now:
+        if len(cache) >= REMEMBERED:
+            cache.clear()
+        cache[key] = (until, value)
+    return value
 
 
 def _dkim(raw: bytes, lookups: Lookups, troubles: list[str]) -> list[tuple[str, str, str]]:
     """(result, d=, s=) for every DKIM-Signature; one `none` when there is none (RFC 8601: unsigned is not a failure)."""
-    try:
-        verifier = dkim.DKIM(raw, logger=_quiet)
+    try:  # dkimpy's reading of the header lines alone first: of an unsigned message that is all it would look at
+        headers, _ = dkim.rfc822_parse(mail.head(raw))
     except Exception:  # not a message dkimpy can read at all
         return [("permerror", "", "")]
-    count = sum(1 for name, _ in verifier.headers if name.lower() == b"dkim-signature")
+    count = sum(1 for name, _ in headers if name.lower() == b"dkim-signature")
     if not count:
         return [("none", "", "")]
+    verifier = dkim.DKIM(raw, logger=_quiet)
     found = []
     for index in range(count):
         verifier.domain = verifier.selector = None
@@ -238,6 +286,10 @@ def _dmarc(lookups: Lookups, from_domain: str, spf_domain: str, dkim_passed: lis
 def _dmarc_record(lookups: Lookups, from_domain: str) -> dict[str, str]:
     """The DMARC record's tags for a domain, from `_dmarc.{domain}`, else from its organisational domain's (RFC 7489 §6.6.3).
     Several records at one name count as none."""
+    return _remembered(_dmarc_records, (lookups.config, from_domain), lookups, lambda: _find_dmarc_record(lookups, from_domain))
+
+
+def _find_dmarc_record(lookups: Lookups, from_domain: str) -> dict[str, str]:
     for domain in dict.fromkeys((from_domain, organisational_domain(from_domain))):
         records = [r for r in lookups.txt(f"_dmarc.{domain}") if r[:8].upper() == b"V=DMARC1"]
         if len(records) == 1:

@@ -74,14 +74,19 @@ def _head_end(raw: bytes) -> int | None:
     return min(ends) + 1 if ends else None
 
 
+def head(raw: bytes) -> bytes:
+    """The message up to its blank line (every header line, with its line end), or all of it when it has none."""
+    end = _head_end(raw)
+    return raw[:end] if end is not None else raw
+
+
 def parse_headers(raw: bytes) -> EmailMessage:
     """Only the headers: enough to find prefixes without decoding a 40 MB body.
 
     Only the bytes up to the blank line reach the parser: with `headersonly`
     it still splits the whole body into lines.
     """
-    end = _head_end(raw)
-    return BytesParser(policy=policy.default).parsebytes(raw[:end] if end is not None else raw, headersonly=True)
+    return BytesParser(policy=policy.default).parsebytes(head(raw), headersonly=True)
 
 
 def header_text(msg: EmailMessage, name: str, limit: int = 500) -> str:

@@ -4,7 +4,8 @@
     {spool}/queue/    {id}.msg: one line of JSON envelope, then the raw message
     {spool}/failed/   entries that exhausted their attempts, with {id}.reason
     {spool}/quarantine/  entries a feed's policy refused (DESIGN §12), for a human to release
-    {spool}/state/    {id}.json: attempts, last error, authentication results (advisory)
+    {spool}/state/    {id}.json: attempts, last error, authentication results (advisory; the results are kept
+                      on the entry's file instead, as an extended attribute, where the filesystem allows)
     {spool}/taken/    marks of mailbox messages spooled but not yet moved out of their folder
 
 An entry is written to tmp/, fsync'd, renamed into queue/ and the folder
@@ -30,6 +31,7 @@ from esmail.errors import ConfigError, TemporaryFailure
 from esmail.keys import folder_name
 
 SUFFIX = ".msg"
+AUTHENTICATION = "user.esmail.authentication"  # the extended attribute of an entry's file that holds its final results
 
 
 @dataclass(frozen=True)
@@ -302,7 +304,10 @@ class Spool:
         path = self.entry_path(entry_id)
         with open(path, "rb") as f:
             header = f.readline()
-        return Entry(_envelope(header), self.read_state(entry_id), path, len(header))
+            state = self.read_state(entry_id)
+            if state.authentication is None:
+                state.authentication = _recorded_authentication(f.fileno())
+        return Entry(_envelope(header), state, path, len(header))
 
     def message(self, entry: Entry) -> bytes:
         """The entry's raw message."""
@@ -317,8 +322,14 @@ class Spool:
     # --- finishing -----------------------------------------------------------
 
     def record_authentication(self, entry: Entry, authentication: dict) -> None:
+        """The final results, kept with the entry (they move with its file: to failed/ and back) so that a replay stores
+        the same inbox copy: as an extended attribute of its file (one call, where a state file costs making a file:
+        0.4 ms of CPU in this machine's /tmp), else, on a filesystem without them or past their size, in its state file."""
         entry.state.authentication = authentication
-        self._write_state(entry.id, entry.state)
+        try:
+            os.setxattr(entry.path, AUTHENTICATION, json.dumps(authentication).encode())
+        except OSError:
+            self._write_state(entry.id, entry.state)
 
     def record_inbox_header(self, entry: Entry, header: str) -> None:
         entry.state.inbox_header = header
@@ -363,7 +374,7 @@ class Spool:
             source = self.failed / (entry_id + SUFFIX)
             if not source.exists():
                 raise KeyError(entry_id)
-            state = self.read_state(entry_id)  # a new count of attempts; the inbox copy's results stay, for one copy
+            state = self.read_state(entry_id)  # a new count of attempts; the inbox copy's results stay (on the file too), for one copy
             self._write_state(entry_id, EntryState(authentication=state.authentication, inbox_header=state.inbox_header, by=by))
             (self.failed / f"{entry_id}.reason").unlink(missing_ok=True)
             os.rename(source, self.queue / (entry_id + SUFFIX))
@@ -426,6 +437,14 @@ class Spool:
         tmp = self.tmp / f"{entry_id}.json"
         tmp.write_text(json.dumps(asdict(state)))
         os.replace(tmp, self.state / f"{entry_id}.json")
+
+
+def _recorded_authentication(fd: int) -> dict | None:
+    """The results `Spool.record_authentication` kept on an entry's file, or None."""
+    try:
+        return json.loads(os.getxattr(fd, AUTHENTICATION))
+    except (OSError, ValueError):  # none recorded (ENODATA), or no extended attributes here
+        return None
 
 
 def user_name() -> str:

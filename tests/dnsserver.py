@@ -24,6 +24,7 @@ class Zones(BaseResolver):
         self.records: dict[tuple[str, str], list] = {}
         self.servfail = False
         self.queries: list[str] = []
+        self.ttl = 60  # of every answer
 
     def resolve(self, request, handler):
         reply = request.reply()
@@ -33,7 +34,7 @@ class Zones(BaseResolver):
             reply.header.rcode = RCODE.SERVFAIL
             return reply
         for rdata in self.records.get((name, qtype), []):
-            reply.add_answer(RR(request.q.qname, request.q.qtype, rdata=rdata, ttl=60))
+            reply.add_answer(RR(request.q.qname, request.q.qtype, rdata=rdata, ttl=self.ttl))
         if not any(known == name for known, _ in self.records):
             reply.header.rcode = RCODE.NXDOMAIN
         return reply

@@ -483,3 +483,136 @@ def test_the_from_address_is_read_as_the_email_package_reads_it():
             raw = f"From: {sender}\r\n".encode() * count + b"Subject: s\r\n\r\nbody\r\n"
             headers = BytesParser(policy=policy.default).parsebytes(raw, headersonly=True)
             assert _single_from(headers) == slow(headers), (sender, count)
+
+
+def test_an_spf_result_and_a_dmarc_record_are_remembered_until_their_answers_expire():
+    """A second message from the same client and MAIL FROM gets the same results without asking DNS again, while the
+    answers they came from live (TTL); once those expire, the results follow what DNS says now."""
+    import time
+
+    from esmail.authentication import Request, authenticate
+
+    server = DnsServer()
+    server.zones.ttl = 2
+    server.txt("remembered.example", "v=spf1 ip4:127.0.0.1 -all")
+    server.txt("_dmarc.remembered.example", "v=DMARC1; p=reject")
+    server.start()
+    try:
+        raw = message(sender="meters@remembered.example")
+        request = Request(server.config, HOST, client="127.0.0.1", helo="mail.example", mail_from="meters@remembered.example")
+        first = authenticate(raw, request)
+        asked = len(server.zones.queries)
+        server.zones.records[("remembered.example", "TXT")] = []
+        server.txt("remembered.example", "v=spf1 -all")
+        server.zones.records[("_dmarc.remembered.example", "TXT")] = []
+        server.txt("_dmarc.remembered.example", "v=DMARC1; p=none")
+        assert authenticate(raw, request) == first and len(server.zones.queries) == asked
+        assert "spf=pass" in first.header and "dmarc=pass header.from=remembered.example policy.dmarc=reject" in first.header
+        time.sleep(2.2)
+        later = authenticate(raw, request)
+    finally:
+        server.stop()
+    assert len(server.zones.queries) > asked
+    assert "spf=fail" in later.header and "dmarc=fail header.from=remembered.example policy.dmarc=none" in later.header
+    assert not later.authenticated
+
+
+def test_dns_trouble_is_not_remembered():
+    """A temperror (DNS did not answer) is not kept: the next message asks again, and gets the final result once DNS answers."""
+    from esmail.authentication import Request, authenticate
+
+    server = DnsServer()
+    server.txt("troubled.example", "v=spf1 ip4:127.0.0.1 -all")
+    server.start()
+    server.stop()
+    request = Request(replace(server.config, timeout=0.5), HOST, client="127.0.0.1", helo="mail.example", mail_from="m@troubled.example")
+    raw = message(sender="m@troubled.example")
+    troubled = authenticate(raw, request)
+    server.start()
+    try:
+        answered = authenticate(raw, request)
+    finally:
+        server.stop()
+    assert "spf=temperror" in troubled.header and troubled.trouble
+    assert "spf=pass" in answered.header and answered.authenticated and not answered.trouble
+
+
+def test_dkim_reads_an_unsigned_message_as_dkimpy_reads_all_of_it(dns):
+    """Without a signature only the header lines are read for DKIM: the result is the same as dkimpy's reading of the
+    whole message (none, or permerror for headers it cannot read), for every mix of line ends, folds, blank lines,
+    broken lines and signatures."""
+    import random
+
+    from esmail.authentication import _dkim, _quiet
+    from esmail.resolver import DnsTrouble, Lookups
+
+    def whole(raw: bytes, lookups: Lookups) -> list[tuple[str, str, str]]:  # the reading before: dkimpy on all of it
+        try:
+            verifier = dkim.DKIM(raw, logger=_quiet)
+        except Exception:
+            return [("permerror", "", "")]
+        count = sum(1 for name, _ in verifier.headers if name.lower() == b"dkim-signature")
+        if not count:
+            return [("none", "", "")]
+        found = []
+        for index in range(count):
+            verifier.domain = verifier.selector = None
+            try:
+                result = "pass" if verifier.verify(idx=index, dnsfunc=lookups.dkim_key) else "fail"
+            except DnsTrouble:
+                result = "temperror"
+            except dkim.ValidationError:
+                result = "fail"
+            except Exception:
+                result = "permerror"
+            found.append((result, *(v.decode(errors="replace").lower() if v else "" for v in (verifier.domain, verifier.selector))))
+        return found
+
+    rng = random.Random(5)
+    lines = [b"From: a@sheffield.gov.uk", b"Subject: readings", b" folded", b"\tfolded", b"From mbox line", b"no colon here", b"",
+             b"DKIM-Signature: v=1; a=rsa-sha256; d=sheffield.gov.uk; s=sel; h=from; bh=AAAA; b=AAAA", b"dkim-signature: junk", b"x:"]
+    samples = [signed(message(), dns, "sheffield.gov.uk"), message(), b"", b"\r\n\r\nbody", b"Subject: no body"]
+    for _ in range(3000):
+        ends = rng.choice([b"\r\n", b"\n"])
+        samples.append(ends.join(rng.choice(lines) for _ in range(rng.randint(1, 8))) + ends * rng.randint(0, 2) + b"body line\r\n" * rng.randint(0, 2))
+    for raw in samples:
+        assert _dkim(raw, Lookups(dns.config), []) == whole(raw, Lookups(dns.config)), raw
+
+
+def test_the_final_results_stay_with_the_entry_through_failed_and_retry(tmp_path):
+    """Recorded results come back with the entry (so that a replay stores the same inbox copy), after it went to failed/ and
+    `spool retry` brought it back too; results too long for an extended attribute (over 64 KiB) go to its state file."""
+    spool = Spool(tmp_path / "spool")
+    for size in (100, 70_000):
+        entry_id = spool.accept(b"From: a@b.example\r\n\r\nreadings\r\n", ["sheffield"]).id
+        results = {"header": "Authentication-Results: mx.test;" + "x" * size, "from_address": "a@b.example", "authenticated": True,
+                   "trouble": ""}
+        spool.record_authentication(spool.entry(entry_id), results)
+        assert spool.entry(entry_id).state.authentication == results
+        if size > 65536:
+            assert json.loads((spool.state / f"{entry_id}.json").read_text())["authentication"] == results
+        spool.fail(spool.entry(entry_id), "gave up")
+        spool.retry([entry_id])
+        assert spool.entry(entry_id).state.authentication == results
+        spool.done(entry_id)
+
+
+@local
+async def test_messages_authenticated_together_each_get_their_own_results(config, dns):
+    """Small messages go to the conversion pool together (16 at a time), authenticated there: each keeps its own
+    results and fate (a sheffield.gov.uk sender's lands, a spoofed one is quarantined), however they were grouped."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    spoofed = {i: i % 3 == 0 for i in range(12)}
+    with RunningDaemon(feeds(config, dns)) as server:
+        with ThreadPoolExecutor(12) as senders:
+            ids = list(senders.map(lambda i: send(server, message(subject=f"readings {i}"),
+                                                  "bounce@attacker.example" if spoofed[i] else "reports@sheffield.gov.uk"), spoofed))
+        assert await processed(server)
+        assert sorted(server.spool.quarantined_ids()) == sorted(entry_id for i, entry_id in enumerate(ids) if spoofed[i])
+    for i, entry_id in enumerate(ids):
+        results = inbox_copy(config, entry_id).decode()
+        assert f"Subject: readings {i}\r\n" in results
+        mail_from = "bounce@attacker.example" if spoofed[i] else "reports@sheffield.gov.uk"
+        assert f"spf=pass smtp.mailfrom={mail_from}" in results and ("dmarc=fail" in results) == spoofed[i]
+    assert len(objects(config, "amr_data")) == 8
