@@ -82,6 +82,9 @@ class Worker:
         self._told = False  # a NeedsFixing went to Rollbar since the last write that worked: once is enough
         self._converting = asyncio.Semaphore(process_pool_size(config))  # calls in the pool at once: one per process
         self._finished: Batches[str, None] = Batches(lambda entry_ids: self.spool.done(*entry_ids))
+        # the final results of concurrent entries, kept with them (on ext4 a call that can wait for the journal)
+        self._authenticated: Batches[tuple[Entry, dict], None] = Batches(
+            lambda recorded: [self.spool.record_authentication(entry, results) for entry, results in recorded])
         # small entries waiting for the pool: sizes, formats, authentication requests (None: not to authenticate)
         self._to_convert: deque[tuple[Path, int, dict, Request | None, asyncio.Future]] = deque()
         self._senders = 0  # tasks sending them there, at most one a process
@@ -119,7 +122,7 @@ class Worker:
         auth, converted = await self._authenticate(entry, alone)
         refused = self._judge(envelope, auth)
         if auth is not None and state.authentication is None and not envelope.held:  # final now: a replay stores the same copy
-            self.spool.record_authentication(entry, asdict(auth))
+            await self._authenticated.submit((entry, asdict(auth)))
         passing = [prefix for prefix in envelope.folders if prefix not in refused]
         if envelope.folders and not passing:  # every feed refused it: nothing to convert
             converted = Converted([], [], 0)
