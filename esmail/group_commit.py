@@ -31,8 +31,9 @@ class Batches(Generic[Item, Result]):
     caller of the batch.
     """
 
-    def __init__(self, handle: Callable[[list[Item]], list[Result | BaseException] | None]):
+    def __init__(self, handle: Callable[[list[Item]], list[Result | BaseException] | None], thread=asyncio.to_thread):
         self.handle = handle
+        self.thread = thread  # `await thread(handle, items)` runs it: a thread of the caller's own, if it keeps one
         self._waiting: list[tuple[Item, asyncio.Future]] = []
         self._runner: asyncio.Task | None = None
 
@@ -47,7 +48,7 @@ class Batches(Generic[Item, Result]):
         while self._waiting:
             batch, self._waiting = self._waiting, []
             try:
-                results = await asyncio.to_thread(self.handle, [item for item, _ in batch]) or [None] * len(batch)
+                results = await self.thread(self.handle, [item for item, _ in batch]) or [None] * len(batch)
             except Exception as exc:  # the batch's callers get it
                 results = [exc] * len(batch)
             settle([future for _, future in batch], results)

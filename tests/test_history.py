@@ -62,6 +62,21 @@ async def test_both_backends_read_back_what_the_worker_wrote(backend):
         history.close()
 
 
+async def test_both_backends_write_outcomes_recorded_at_once_each_once_in_order(backend):
+    """Outcomes recorded together (concurrent entries: they share a trip to the writer) are each written once, a message's
+    failure and its retry in the order they were recorded."""
+    history = open_history(backend)
+    try:
+        await asyncio.gather(*(history.record(finished(n)) for n in range(40)),
+                             history.record(finished(99, outcome="failed")), history.record(finished(99)))
+        await settled(history)
+        rows = history.messages()[0] + history.messages(page=2)[0]
+        assert sorted(r["subject"] for r in rows) == sorted(f"readings {n}" for n in (*range(40), 99))
+        assert [o["outcome"] for o in history.message("20261201-100000-00000063")[3]] == ["failed", "retried"]
+    finally:
+        history.close()
+
+
 async def test_the_worker_never_waits_for_a_database_that_is_away_and_nothing_is_lost(tmp_path, postgres_server, history_url):
     """With the database stopped, recording returns at once and rows wait in the spool's journal (the backlog says how
     many, problem() says since when), also across a restart of esmail; once it is back, every row is written in order."""

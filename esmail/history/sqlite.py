@@ -18,6 +18,7 @@ from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any, Callable, Iterable, Sequence
 
+from esmail.group_commit import Batches
 from esmail.history.base import (OUTCOMES_IN_DETAIL, Db, Finished, History, now_text, write_declared, write_dropped,
                                  write_finished, write_pruned)
 
@@ -98,6 +99,8 @@ class SqliteHistory(History):
         self.path = Path(spool_path) / FILE_NAME
         self._thread = ThreadPoolExecutor(1, thread_name_prefix="history")
         self._conn: sqlite3.Connection | None = None
+        # outcomes finished while the last were written go in together: one trip to the thread, one transaction
+        self._outcomes = Batches(lambda conn, rows: self._in_transaction(conn, write_finished, rows), thread=self._run)
 
     def __str__(self) -> str:
         return str(self.path)
@@ -105,7 +108,7 @@ class SqliteHistory(History):
     # --- writing: the writer's thread --------------------------------------------
 
     async def record(self, finished: Finished) -> None:
-        await self._run(self._in_transaction, write_finished, [(finished, self.host, self.new_event())])
+        await self._outcomes.submit((finished, self.host, self.new_event()))
 
     async def declare(self, prefixes: list[str]) -> None:
         await self._run(self._in_transaction, write_declared, prefixes, now_text())
