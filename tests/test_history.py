@@ -70,9 +70,9 @@ async def test_both_backends_write_outcomes_recorded_at_once_each_once_in_order(
         await asyncio.gather(*(history.record(finished(n)) for n in range(40)),
                              history.record(finished(99, outcome="failed")), history.record(finished(99)))
         await settled(history)
-        rows = history.messages()[0] + history.messages(page=2)[0]
+        rows = history.messages()[0] + history.messages(Filters(page=2))[0]
         assert sorted(r["subject"] for r in rows) == sorted(f"readings {n}" for n in (*range(40), 99))
-        assert [o["outcome"] for o in history.message("20261201-100000-00000063")[3]] == ["failed", "retried"]
+        assert [o["outcome"] for o in history.message("20261201-100000-00000063").outcomes] == ["failed", "retried"]
     finally:
         history.close()
 
