@@ -35,6 +35,7 @@ CONNECT_TIMEOUT = 5  # seconds to reach the database before rows go to the journ
 RETRY_EVERY = 2.0  # seconds between the writer's tries while it does not answer
 RECONNECT_TIMEOUT = 10.0  # seconds the pool tries to reconnect in the background before a reader's request tries anew
 BATCH = 500  # rows a transaction
+GATHER = 0.2  # seconds the writer lets rows gather before a transaction: it costs ~1 ms of CPU, besides 0.2 ms a row
 SPILL = 5_000  # rows in memory past which they go to the journal (the database is slow)
 REQUEST_POLL = 5.0  # seconds: requests from other hosts are looked for at least this often, NOTIFY or not
 _CHANNEL = "esmail_requests"
@@ -186,11 +187,15 @@ class PostgresHistory(History):
                 return
 
     def _take(self) -> list:
-        """The next rows: what came (at least one, or none after RETRY_EVERY: a moment to try the journal again)."""
+        """The next rows: what came within GATHER seconds of the first (at least one, or none after RETRY_EVERY: a
+        moment to try the journal again)."""
         try:
             batch = [self._queue.get(timeout=RETRY_EVERY)]
         except queue.Empty:
             return []
+        if batch[0] is not _STOP and self._queue.qsize() < BATCH:
+            self._in_hand = 1  # still waiting to be written, for backlog()
+            time.sleep(GATHER)
         while len(batch) < BATCH:
             try:
                 batch.append(self._queue.get_nowait())
