@@ -543,7 +543,8 @@ def test_dkim_reads_an_unsigned_message_as_dkimpy_reads_all_of_it(dns):
     broken lines and signatures."""
     import random
 
-    from esmail.authentication import _dkim, _quiet
+    from esmail import mail
+    from esmail.authentication import _dkim, _header_lines, _quiet
     from esmail.resolver import DnsTrouble, Lookups
 
     def whole(raw: bytes, lookups: Lookups) -> list[tuple[str, str, str]]:  # the reading before: dkimpy on all of it
@@ -576,7 +577,7 @@ def test_dkim_reads_an_unsigned_message_as_dkimpy_reads_all_of_it(dns):
         ends = rng.choice([b"\r\n", b"\n"])
         samples.append(ends.join(rng.choice(lines) for _ in range(rng.randint(1, 8))) + ends * rng.randint(0, 2) + b"body line\r\n" * rng.randint(0, 2))
     for raw in samples:
-        assert _dkim(raw, Lookups(dns.config), []) == whole(raw, Lookups(dns.config)), raw
+        assert _dkim(raw, _header_lines(mail.head(raw)), Lookups(dns.config), []) == whole(raw, Lookups(dns.config)), raw
 
 
 def test_the_final_results_stay_with_the_entry_through_failed_and_retry(tmp_path):
@@ -616,3 +617,31 @@ async def test_messages_authenticated_together_each_get_their_own_results(config
         mail_from = "bounce@attacker.example" if spoofed[i] else "reports@sheffield.gov.uk"
         assert f"spf=pass smtp.mailfrom={mail_from}" in results and ("dmarc=fail" in results) == spoofed[i]
     assert len(objects(config, "amr_data")) == 8
+
+
+def test_the_usual_from_read_from_dkimpys_lines_is_the_email_packages():
+    """The usual From is read from the header lines dkimpy reads for DKIM, without the email package's parser; wherever
+    that reading gives an address it is the one the parser gives, for every mix of line ends, folds, bare CRs, mbox lines,
+    broken lines, repeated and encoded Froms."""
+    import random
+
+    from esmail import mail
+    from esmail.authentication import _header_lines, _single_from, _usual_from
+
+    rng = random.Random(11)
+    lines = [b"From: a@sheffield.gov.uk", b"from: Jo <Jo@Leeds.gov.uk>", b"FROM:<x@y.example>", b"From: =?utf-8?q?J=C3=B6?= <j@x.example>",
+             b"From: a@b.example, c@d.example", b"From: \"Smith, Jo\" <jo@x.example>", b"Subject: readings", b" folded",
+             b"\tfolded <z@z.example>", b"From mbox line", b"From : spaced@x.example", b"no colon here", b"x:", b":empty name",
+             b"To: feed@datafeeds.example.org", b"Subject: a\rb", b"From: caf\xc3\xa9@x.example"]
+    taken = 0
+    for _ in range(6000):
+        ends = rng.choice([b"\r\n", b"\n"])
+        head = ends.join(rng.choice(lines) for _ in range(rng.randint(1, 6))) + ends
+        raw = head + ends + b"body\r\n"
+        usual = _usual_from(mail.head(raw), _header_lines(mail.head(raw)))
+        if usual is not None:
+            taken += 1
+            assert usual == _single_from(mail.parse_headers(raw)), raw
+    assert taken > 100
+    usual = message()  # the usual message is read this way
+    assert _usual_from(mail.head(usual), _header_lines(mail.head(usual))) == "reports@sheffield.gov.uk"
