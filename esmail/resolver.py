@@ -95,8 +95,9 @@ class Lookups:
 
     def _forget(self, now: float) -> None:
         """Room in a full cache: the expired answers go, and if that is not enough, all of them."""
-        for key in [key for key, (expires, _) in self.answers.items() if expires <= now]:
-            del self.answers[key]
+        for key, (expires, _) in list(self.answers.items()):  # a copy: conversions in threads share the answers
+            if expires <= now:
+                self.answers.pop(key, None)
         if len(self.answers) > CACHED:
             self.answers.clear()
 
