@@ -50,6 +50,7 @@ def fill(spool: Path, count: int, url: str | None) -> tuple[float, str]:
         conn.execute("PRAGMA synchronous = OFF")
         db, transaction = _Db(conn), _sqlite_transaction(conn)
     seconds = _write(db, transaction, count)
+    conn.execute("ANALYZE")  # what autovacuum (PostgreSQL) or esmail's start (SQLite) does for a history that grew over a year
     conn.close()
     if url:
         return seconds, url

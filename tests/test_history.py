@@ -189,6 +189,9 @@ async def test_history_copy_moves_a_hosts_sqlite_history_into_postgresql_and_is_
         assert shared.prefixes()["sheffield"]["last_csv"] == "2026-12-01T10:00:02+00:00"
     finally:
         shared.close()
+    database = history_url.rsplit("/", 1)[1]  # the planner's statistics made by the copy, not left to autovacuum
+    assert postgres_server.sql("SELECT count(*) FROM pg_stat_user_tables WHERE relname IN ('messages', 'message_prefixes', 'files') "
+                               "AND last_analyze IS NOT NULL", database=database) == [(3,)]
     done = subprocess.run([sys.executable, "-m", "esmail", "--config", str(toml), "history", "copy", "--to",
                            history_url.replace("esmail@", "esmail:hunter22@")], capture_output=True, text=True, env=env, timeout=60)
     assert done.returncode == 2 and "holds a password" in done.stderr and "hunter22" not in done.stderr

@@ -37,6 +37,9 @@ def copy(spool_path: Path, host: str, url: str, password: str | None) -> int:
             with conn.transaction():
                 for row in source.execute("SELECT * FROM prefixes"):
                     _prefix(db, row)
+            # statistics for the planner now, not at autovacuum's next round: without them the page's counts read every
+            # row of a freshly filled database (0.6 s for `/` with 100,000 messages, 70 ms with them)
+            conn.execute("ANALYZE")
         return len(ids)
     finally:
         source.close()
