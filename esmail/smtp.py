@@ -12,13 +12,14 @@ from __future__ import annotations
 
 import asyncio
 import functools
-import inspect
 import logging
 import re
 import socket
 import ssl
+from collections.abc import Mapping
 from typing import Callable
 
+import aiosmtpd.smtp
 from aiosmtpd.smtp import SMTP, Envelope as SmtpEnvelope, Session as SmtpSession, TLSSetupException
 
 from esmail import metrics, report
@@ -57,8 +58,11 @@ def too_big(limit: int, size: int) -> str:
 
 def counted(command: str, reply: str) -> str:
     """A final reply, counted for /metrics by command and code."""
-    metrics.SMTP_REPLIES.labels(command, reply[:3]).inc()
+    _replies(command, reply[:3]).inc()
     return reply
+
+
+_replies = functools.cache(metrics.SMTP_REPLIES.labels)  # the labelled counter looked up once, not under a lock per reply
 
 
 def _counted(command: str):
@@ -71,6 +75,20 @@ def _counted(command: str):
     return wrap
 
 
+def _sanitized_log(log_at: Callable[..., None], message: str, *args, **kwargs) -> None:
+    """aiosmtpd's `sanitized_log` (it masks AUTH secrets), skipped when its logger drops the level anyway.
+
+    aiosmtpd logs every command line twice (DEBUG and INFO), and masks each
+    argument with a regex before the logger looks at its level; esmail keeps
+    its logger at WARNING, so that was 2.5% of a receiver's time for nothing.
+    """
+    if log_at.__self__.isEnabledFor(logging.getLevelName(log_at.__name__.upper())):
+        _aiosmtpd_sanitized_log(log_at, message, *args, **kwargs)
+
+
+_aiosmtpd_sanitized_log, aiosmtpd.smtp.sanitized_log = aiosmtpd.smtp.sanitized_log, _sanitized_log
+
+
 class Receiver:
     """aiosmtpd handler: the checks of DESIGN §7 at MAIL and RCPT, and the spool at DATA."""
 
@@ -81,10 +99,11 @@ class Receiver:
         self.committer = committer
         self.on_spooled = on_spooled
         self.feeds = feeds
+        self.hooks = {name.removeprefix("handle_"): getattr(self, name) for name in dir(Receiver) if name.startswith("handle_")}
 
     def __dir__(self) -> list[str]:
-        """The hooks only: aiosmtpd lists the handler's attributes on every new session to find them."""
-        return _HOOKS
+        """Nothing: aiosmtpd lists the handler's attributes on every new session; `Connection` is given `hooks` instead."""
+        return []
 
     async def handle_EHLO(self, server: SMTP, session: SmtpSession, envelope: SmtpEnvelope, hostname: str, responses: list[str]) -> list[str]:
         # esmail checks the size itself, so aiosmtpd is given no limit and SIZE is advertised here; no AUTH
@@ -148,8 +167,22 @@ class Receiver:
         return INTERNAL_ERROR
 
 
-_HOOKS = [name for name in dir(Receiver) if name.startswith("handle_")]
-Receiver.handle_EHLO.__signature__ = inspect.signature(Receiver.handle_EHLO)  # aiosmtpd reads it on every new session: once here
+class _Commands(Mapping):
+    """aiosmtpd's table of a session's commands (name → bound `smtp_` method), looked up when used, not built per session."""
+
+    def __init__(self, connection: "Connection"):
+        self.connection = connection
+
+    def __getitem__(self, name: str):
+        if name not in _COMMANDS:
+            raise KeyError(name)
+        return getattr(self.connection, "smtp_" + name)
+
+    def __iter__(self):
+        return iter(_COMMANDS)
+
+    def __len__(self) -> int:
+        return len(_COMMANDS)
 
 
 class Connection(SMTP):
@@ -158,21 +191,29 @@ class Connection(SMTP):
     line_length_limit = READ_BUFFER  # also the StreamReader's buffer size; command lines keep their own limits
 
     def __init__(self, handler: Receiver, server: SmtpServer, **kwargs):
-        super().__init__(handler, **kwargs)
+        super().__init__(handler, **kwargs)  # it finds no commands, hooks nor AUTH mechanisms (see __dir__): they are set here
+        self._smtp_methods = _Commands(self)
+        self._handle_hooks = handler.hooks
+        self._ehlo_hook_ver = "new"  # handle_EHLO takes the responses (aiosmtpd read its signature on every session)
         self.server = server
         self.max_message_size = handler.config.max_message_size
-        self._deadline: asyncio.TimerHandle | None = None
+        self._session_ends = self.loop.time() + server.config.session_timeout
+        self._idle_ends = self._session_ends
+        self._timer_at = 0.0  # when self._timeout_handle fires
         self._in_data = False
         self._replies = 0
 
     def __dir__(self) -> list[str]:
-        """The commands and AUTH mechanisms only: what aiosmtpd looks for, with dir() and inspect.getmembers(), on every new session.
+        """Nothing: aiosmtpd lists, with dir() and inspect.getmembers(), the commands, AUTH mechanisms and hooks on every new session.
 
         Listing every attribute (and reading each, properties included), and
-        the same for the handler, was most of the cost of a new session:
-        with the EHLO hook's signature also read once, 29 µs instead of 115.
+        the same for the handler, was most of the cost of a new session
+        (115 µs); `__init__` sets the tables instead: a lookup of the command
+        when it is used, the handler's hooks found once, and no AUTH
+        mechanism (esmail offers none: aiosmtpd's LOGIN and PLAIN are
+        excluded).
         """
-        return _COMMANDS
+        return []
 
     def _getaddr(self, arg: str) -> tuple[str | None, str | None]:
         """The address of MAIL FROM or RCPT TO, and the parameters after it.
@@ -227,17 +268,35 @@ class Connection(SMTP):
         if self._in_data:
             self._reset_timeout()
 
-    def connection_made(self, transport: asyncio.BaseTransport) -> None:
-        super().connection_made(transport)
-        if self._deadline is None:  # called again after STARTTLS
-            self._deadline = self.loop.call_later(self.server.config.session_timeout, self.close_with,
-                                                  "421 4.4.2 Session time limit reached; closing")
+    def _reset_timeout(self, duration: float | None = None) -> None:
+        """Note activity: one timer a session watches both command_timeout and session_timeout.
+
+        aiosmtpd cancels and schedules a timer on every command (and esmail on
+        every packet of DATA); here a command only moves a deadline, and the
+        timer, when it fires, sets itself again for whichever deadline is next.
+        """
+        self._idle_ends = self.loop.time() + (duration or self._timeout_duration)
+        if self._timeout_handle is None or self._idle_ends < self._timer_at:
+            self._set_timer()
+
+    def _set_timer(self) -> None:
+        if self._timeout_handle is not None:
+            self._timeout_handle.cancel()
+        self._timer_at = min(self._idle_ends, self._session_ends)
+        self._timeout_handle = self.loop.call_at(self._timer_at, self._on_timer)
+
+    def _on_timer(self) -> None:
+        now = self.loop.time()
+        if now >= self._session_ends:
+            self.close_with("421 4.4.2 Session time limit reached; closing")
+        elif now >= self._idle_ends:
+            self._timeout_cb()
+        else:
+            self._set_timer()
 
     def connection_lost(self, error: Exception | None) -> None:
-        if self._deadline is not None:
-            self._deadline.cancel()
         self.server.sessions.discard(self)
-        super().connection_lost(error)
+        super().connection_lost(error)  # cancels the timer
 
     @property
     def in_transaction(self) -> bool:
@@ -293,7 +352,7 @@ class Connection(SMTP):
         await self.push(status)
 
 
-_COMMANDS = [name for name in dir(Connection) if name.startswith(("smtp_", "auth_"))]
+_COMMANDS = [name.removeprefix("smtp_") for name in dir(Connection) if name.startswith("smtp_")]
 
 
 async def read_data(reader: asyncio.StreamReader, limit: int) -> tuple[bytes | None, int]:

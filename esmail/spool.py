@@ -120,6 +120,7 @@ class Spool:
                                   f"(sudo -u esmail …), or give that user the folder (chown -R esmail: {self.path})") from None
         self._lock = threading.Lock()
         self._folders_used: dict[tuple[str, str], int] = {}
+        self._second: tuple[datetime | None, str, str] = (None, "", "")  # the last second an entry was named in, and its names
         for entry_id in self.pending():
             try:
                 self._remember(self.envelope(entry_id))
@@ -258,20 +259,23 @@ class Spool:
         arrived = received or datetime.now(timezone.utc)
         received = arrived.replace(microsecond=0)
         # the microsecond after the second: ids (and so the queue and the page) keep the order messages arrived in
-        entry_id = fields.pop("entry_id", None) or f"{received:%Y%m%d-%H%M%S}-{arrived.microsecond:06d}{secrets.token_hex(3)}"
+        named, second, iso = self._second
+        if named != received or named.tzinfo is not received.tzinfo:  # formatted once a second, not for every message (25 µs)
+            second, iso = folder_name(received), received.isoformat()
+            self._second = (received, second, iso)
+        entry_id = fields.pop("entry_id", None) or f"{second}-{arrived.microsecond:06d}{secrets.token_hex(3)}"
         with self._lock:
-            folders = {prefix: self._allocate(prefix, received) for prefix in dict.fromkeys(prefixes)}
-        return Envelope(entry_id, received.isoformat(), folders, **{**fields, "recipients": tuple(fields.get("recipients", ()))})
+            folders = {prefix: self._allocate(prefix, second) for prefix in dict.fromkeys(prefixes)}
+        return Envelope(entry_id, iso, folders, **{**fields, "recipients": tuple(fields.get("recipients", ()))})
 
-    def _allocate(self, prefix: str, received: datetime) -> str:
-        """The key folder for a prefix: `-2`, `-3`, … for a second message in the same second."""
-        second = folder_name(received)
+    def _allocate(self, prefix: str, second: str) -> str:
+        """The key folder for a prefix in a second (`YYYYmmdd-HHMMSS`): `-2`, `-3`, … for a second message in the same second."""
         n = self._folders_used.get((prefix, second), 0) + 1
         self._folders_used[(prefix, second)] = n
         if len(self._folders_used) > 10_000:  # seconds long past can no longer collide
             for old in sorted(self._folders_used, key=lambda k: k[1])[:5_000]:
                 del self._folders_used[old]
-        return folder_name(received, n)
+        return second if n < 2 else f"{second}-{n}"
 
     def _remember(self, envelope: Envelope) -> None:
         second = folder_name(envelope.received_at)
