@@ -82,10 +82,11 @@ def _sanitized_log(log_at: Callable[..., None], message: str, *args, **kwargs) -
     argument with a regex before the logger looks at its level; esmail keeps
     its logger at WARNING, so that was 2.5% of a receiver's time for nothing.
     """
-    if log_at.__self__.isEnabledFor(logging.getLevelName(log_at.__name__.upper())):
+    if log_at.__self__.isEnabledFor(_LEVELS.get(log_at.__name__, logging.CRITICAL)):
         _aiosmtpd_sanitized_log(log_at, message, *args, **kwargs)
 
 
+_LEVELS = {"debug": logging.DEBUG, "info": logging.INFO, "warning": logging.WARNING, "error": logging.ERROR}
 _aiosmtpd_sanitized_log, aiosmtpd.smtp.sanitized_log = aiosmtpd.smtp.sanitized_log, _sanitized_log
 
 

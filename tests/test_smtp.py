@@ -176,6 +176,27 @@ async def test_starttls_with_a_self_signed_certificate(config, store, tmp_path):
 
 
 @pytest.mark.parametrize("config", ["local"], indirect=True)
+def test_the_other_commands_answer_as_aiosmtpd_does(config):
+    """HELP, AUTH, VRFY, EXPN, NOOP, RSET and unknown commands get aiosmtpd's replies (the session's command table is esmail's)."""
+    with RunningDaemon(config) as server, server.smtp() as client:
+        client.ehlo("supplier.example")
+        assert sorted(client.esmtp_features) == ["8bitmime", "help", "size", "smtputf8"]
+        commands = "250 Supported commands: AUTH EHLO HELO HELP MAIL NOOP QUIT RCPT RSET VRFY"
+        for command, expected in [
+            ("HELP", commands),
+            ("HELP MAIL", "250 Syntax: MAIL FROM: <address> [SP <mail-parameters>]"),
+            ("HELP BOGUS", "501" + commands[3:]),
+            ("AUTH PLAIN AGFAAGI=", "538 5.7.11 Encryption required for requested authentication mechanism"),
+            ("VRFY someone@supplier.example", "252 Cannot VRFY user, but will accept message and attempt delivery"),
+            ("EXPN list", "502 EXPN not implemented"),
+            ("NOOP", "250 OK"),
+            ("RSET", "250 OK"),
+            ("BOGUS", '500 Error: command "BOGUS" not recognized'),
+        ]:
+            assert "%d %s" % reply_to(client, command) == expected, command
+
+
+@pytest.mark.parametrize("config", ["local"], indirect=True)
 def test_a_slow_silent_client_is_disconnected(config):
     """Idle past command_timeout: the connection is closed; past session_timeout, even a chatty one gets 421."""
     with RunningDaemon(config, command_timeout=0.5, session_timeout=2.0) as server:
