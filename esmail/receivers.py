@@ -102,7 +102,7 @@ class Receivers:
             raise CannotListen("[smtp] listen", self.config.smtp.listen, OSError(*error) if isinstance(error, tuple) else OSError(0, error))
 
     def _message(self, child: "_Child", started: asyncio.Future | None = None) -> bool:
-        """What a receiver says: ready (or why not), an entry it spooled, its counts; False once it can say no more."""
+        """What a receiver says: ready (or why not), the entries it spooled, its counts; False once it can say no more."""
         try:
             kind, value = child.pipe.recv()
         except (EOFError, OSError):
@@ -111,7 +111,8 @@ class Receivers:
                 started.set_result(f"receiver process {child.index} ended before it listened")
             return False
         if kind == "spooled":
-            self.on_spooled(value)
+            for entry_id in value:
+                self.on_spooled(entry_id)
         elif kind == "counts":
             self._count(value)
         elif kind == "ready":
@@ -224,7 +225,8 @@ async def _receive(config: Config, index: int, pipe: Connection) -> None:
     spool = Spool(config.spool.path, config.spool.min_free)
     committer = GroupCommit(spool)
     known = frozenset(feed.prefix for feed in config.feeds) if config.smtp.unknown_feeds == "reject" else None
-    receiver = Receiver(config.smtp, committer, lambda entry_id: pipe.send(("spooled", entry_id)), known)
+    handover = _Handover(pipe, loop)
+    receiver = Receiver(config.smtp, committer, handover.spooled, known)
     server = SmtpServer(config.smtp, receiver, reuse_port=True)
     await server.start()
     loop.add_signal_handler(signal.SIGTERM, stopping.set)
@@ -239,8 +241,37 @@ async def _receive(config: Config, index: int, pipe: Connection) -> None:
         counting.cancel()
         await server.stop()
         await committer.close()
+        handover.send()
         _send_counts(pipe, reported)
         report.flush()
+
+
+class _Handover:
+    """Tells the daemon what was spooled: the entries of a group commit in one message, sent once their sessions have run.
+
+    A pipe message per entry (pickled, a write each) was 5% of a receiver's
+    time for small messages; a group commit answers its sessions together,
+    so their ids go in one.
+    """
+
+    def __init__(self, pipe: Connection, loop: asyncio.AbstractEventLoop):
+        self.pipe = pipe
+        self.loop = loop
+        self._ids: list[str] = []
+
+    def spooled(self, entry_id: str) -> None:
+        if not self._ids:
+            self.loop.call_soon(self.send)
+        self._ids.append(entry_id)
+
+    def send(self) -> None:
+        ids, self._ids = self._ids, []
+        if not ids:
+            return
+        try:
+            self.pipe.send(("spooled", ids))
+        except OSError as exc:  # the daemon is gone (this receiver stops too): the entries are in the spool, its scan finds them
+            log.warning("cannot hand %d spooled entries to the daemon: %s; they wait in the spool", len(ids), exc)
 
 
 async def _report_counts(pipe: Connection, reported: dict) -> None:

@@ -175,9 +175,13 @@ class _Commands(Mapping):
         self.connection = connection
 
     def __getitem__(self, name: str):
-        if name not in _COMMANDS:
+        if name not in _KNOWN:
             raise KeyError(name)
         return getattr(self.connection, "smtp_" + name)
+
+    def get(self, name: str, default=None):
+        """What aiosmtpd calls for every command line (Mapping's own goes through a KeyError for unknown ones)."""
+        return getattr(self.connection, "smtp_" + name) if name in _KNOWN else default
 
     def __iter__(self):
         return iter(_COMMANDS)
@@ -354,6 +358,7 @@ class Connection(SMTP):
 
 
 _COMMANDS = [name.removeprefix("smtp_") for name in dir(Connection) if name.startswith("smtp_")]
+_KNOWN = frozenset(_COMMANDS)
 
 
 async def read_data(reader: asyncio.StreamReader, limit: int) -> tuple[bytes | None, int]:
