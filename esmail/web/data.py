@@ -35,11 +35,16 @@ STATUSES = (FAILED, QUARANTINED, *NEEDS_A_HUMAN, "late", "unprocessable files", 
 READINGS = ("verdict", "reason", "rows", "filtered", "valid_rows", "days", "meters", "first_date", "last_date", "warnings")
 
 
+def _spool_folders(spool: Spool) -> dict[str, Path]:
+    """The spool folder that holds the entries in each state, in the order an entry passes them."""
+    return {QUEUED: spool.queue, FAILED: spool.failed, QUARANTINED: spool.quarantine_dir}
+
+
 def waiting(spool: Spool, history: History, states: tuple[str, ...] = (FAILED, QUARANTINED)) -> list[dict]:
     """The entries that wait in a spool, in `states`: this host's from its spool, the other hosts' (failed,
     quarantined) from the shared history. Each: id, host, received, state, prefixes (those it waits for)."""
     found = []
-    folders = {QUEUED: spool.queue, FAILED: spool.failed, QUARANTINED: spool.quarantine_dir}
+    folders = _spool_folders(spool)
     for state in states:
         ids = {QUEUED: spool.pending, FAILED: spool.failed_ids, QUARANTINED: spool.quarantined_ids}[state]()
         for entry_id in ids:
@@ -222,7 +227,7 @@ def _spool_states(spool: Spool, entry_id: str, now: tuple[str, Path], prefix_sta
 
 def _from_spool(spool: Spool, entry_id: str, state: str) -> dict | None:
     """A message as this host's spool holds it (no history yet): its envelope and the headers people look for."""
-    folder = {QUEUED: spool.queue, FAILED: spool.failed, QUARANTINED: spool.quarantine_dir}[state]
+    folder = _spool_folders(spool)[state]
     try:
         envelope = spool.envelope(entry_id, folder)
         with open(folder / (entry_id + SUFFIX), "rb") as file:
@@ -240,7 +245,7 @@ def _from_spool(spool: Spool, entry_id: str, state: str) -> dict | None:
 
 def where_now(spool: Spool, entry_id: str) -> tuple[str, Path] | None:
     """Which spool folder holds the entry now (queued, failed, quarantined), or None when it is finished."""
-    for state, folder in ((QUEUED, spool.queue), (FAILED, spool.failed), (QUARANTINED, spool.quarantine_dir)):
+    for state, folder in _spool_folders(spool).items():
         if (folder / (entry_id + SUFFIX)).exists():
             return state, folder
     return None
