@@ -25,6 +25,8 @@ from collections.abc import Callable
 from dataclasses import replace
 from multiprocessing.connection import Connection
 
+import uvloop
+
 from esmail import metrics
 from esmail.config import Address, Config
 from esmail.errors import CannotListen
@@ -208,7 +210,7 @@ def run_receiver(config: Config, index: int, pipe: Connection, log_settings: tup
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C reaches the whole group: the daemon decides
     logs.setup(*log_settings)
     try:
-        asyncio.run(_receive(config, index, pipe))
+        uvloop.run(_receive(config, index, pipe))  # as the daemon's (cli._run)
     except CannotListen as exc:
         pipe.send(("error", (exc.errno, exc.strerror)))
 
