@@ -28,14 +28,19 @@ import base64
 import json
 import os
 import random
+import re
 import shutil
+import signal
 import socket
 import subprocess
 import sys
 import tempfile
 import threading
 import time
+from collections import Counter
 from pathlib import Path
+
+import uvloop
 
 CORPUS = Path(__file__).parent / "corpus"
 HERE = Path(__file__).resolve()
@@ -145,6 +150,50 @@ async def _serve_bare(port: int) -> None:
     server = await loop.create_server(lambda: SMTP(_Discard(), hostname="bench", data_size_limit=50_000_000), "127.0.0.1", port)
     print("ready", flush=True)
     await server.serve_forever()
+
+
+class _Canned(asyncio.Protocol):
+    """Python's floor for receiving mail: the SMTP exchange answered with fixed replies, no parsing, nothing kept."""
+
+    def connection_made(self, transport) -> None:
+        self.transport, self.buffer, self.in_data = transport, b"", False
+        transport.write(b"220 bench ESMTP\r\n")
+
+    def data_received(self, data: bytes) -> None:
+        self.buffer += data
+        while True:
+            if self.in_data:
+                end = self.buffer.find(b"\r\n.\r\n")
+                if end < 0:
+                    self.buffer = self.buffer[-4:]
+                    return
+                self.buffer, self.in_data = self.buffer[end + 5:], False
+                self.transport.write(b"250 2.0.0 Ok: queued\r\n")
+                continue
+            end = self.buffer.find(b"\r\n")
+            if end < 0:
+                return
+            command, self.buffer = self.buffer[:4].upper(), self.buffer[end + 2:]
+            if command == b"DATA":
+                self.buffer, self.in_data = b"\r\n" + self.buffer, True
+                self.transport.write(b"354 End data with <CR><LF>.<CR><LF>\r\n")
+            elif command == b"QUIT":
+                self.transport.write(b"221 2.0.0 Bye\r\n")
+                self.transport.close()
+                return
+            else:
+                self.transport.write(b"250 Ok\r\n")
+
+
+async def _serve_canned(port: int) -> None:
+    server = await asyncio.get_running_loop().create_server(_Canned, "127.0.0.1", port, reuse_port=True)
+    await server.serve_forever()
+
+
+def canned_server(processes: int = 2) -> Server:
+    """`processes` canned responders on one port (SO_REUSEPORT), as esmail's [smtp] processes; the first starts the others."""
+    port = free_port()
+    return Server([sys.executable, str(HERE), "_serve_canned", str(port), str(processes)], port)
 
 
 async def _serve_accept(port: int, spool_path: str) -> None:
@@ -523,11 +572,60 @@ def cpu_seconds(pid: int) -> float:
     return total / os.sysconf("SC_CLK_TCK")
 
 
+def _ticks(stat: Path) -> int:
+    """User + system clock ticks of one process or thread (`/proc/…/stat`)."""
+    fields = stat.read_text().rsplit(")", 1)[1].split()
+    return int(fields[11]) + int(fields[12])
+
+
+def cpu_by_stage(pid: int, stage) -> Counter:
+    """CPU seconds of `pid` and its descendants by `stage(process, thread)` (a name), per live thread; what ended
+    threads and processes used is under "ended" (the difference from `cpu_seconds`)."""
+    found: Counter = Counter()
+    for each in (pid, *children(pid)):
+        try:
+            threads = os.listdir(f"/proc/{each}/task")
+        except FileNotFoundError:
+            continue
+        for thread in threads:
+            try:
+                found[stage(each, int(thread))] += _ticks(Path(f"/proc/{each}/task/{thread}/stat")) / os.sysconf("SC_CLK_TCK")
+            except FileNotFoundError:
+                continue
+    found["ended"] = cpu_seconds(pid) - sum(found.values())
+    return found
+
+
+def by_program(process: int, thread: int) -> str:
+    """Postfix's stages: the program each process runs (smtpd, cleanup, qmgr, virtual, …)."""
+    try:
+        return Path(f"/proc/{process}/comm").read_text().strip()
+    except FileNotFoundError:
+        return "ended"
+
+
+def esmail_stages(server: "Server"):
+    """esmail's stages: the receivers (the processes listening on its port) and the daemon, each its event loop (the
+    main thread) and its other threads; and the conversion processes (the daemon's other children)."""
+    out = subprocess.run(["ss", "-Hltnp", f"sport = :{server.port}"], capture_output=True, text=True).stdout
+    daemon_pid = server.process.pid
+    receivers = {int(pid) for pid in re.findall(r"pid=(\d+)", out)} - {daemon_pid}
+
+    def stage(process: int, thread: int) -> str:
+        if process in receivers:
+            return "receivers' event loops" if thread == process else "receivers' group commits (threads)"
+        if process == daemon_pid:
+            return "worker's event loop" if thread == process else "worker's threads (store, spool, history)"
+        return "conversion processes"
+    return stage
+
+
 WARM_UP = 64  # messages each server takes before end_to_end's clock starts
 
 
-def end_to_end(port: int, size: int, count: int, sessions: int, finished, pid: int) -> tuple[float, float, float]:
-    """(accepted, end to end) in messages per second, and the server's CPU ms a message (`pid` and its descendants):
+def end_to_end(port: int, size: int, count: int, sessions: int, finished, pid: int, stage=by_program) -> tuple[float, float, float, dict]:
+    """(accepted, end to end) in messages per second, the server's CPU ms a message (`pid` and its descendants), and
+    that CPU by `stage` (`cpu_by_stage`), ms a message:
     smtp-source sends `count` messages of `size` bytes (a connection each); accepted when it has its last 250, end to
     end when `finished(sent)` (how many of the `sent` messages are delivered or stored) reaches them all.
 
@@ -546,12 +644,14 @@ def end_to_end(port: int, size: int, count: int, sessions: int, finished, pid: i
 
     source(WARM_UP, sessions)
     wait(WARM_UP, time.monotonic() + 120)
-    cpu = cpu_seconds(pid)
+    cpu, stages = cpu_seconds(pid), cpu_by_stage(pid, stage)
     started = time.monotonic()
     source(count, sessions)
     accepted = time.monotonic() - started
     wait(WARM_UP + count, started + 1800)
-    return count / accepted, count / (time.monotonic() - started), (cpu_seconds(pid) - cpu) / count * 1000
+    finished_at = time.monotonic()
+    stages = {name: ms / count * 1000 for name, ms in (cpu_by_stage(pid, stage) - stages).items()}  # a Counter drops ≤ 0
+    return count / accepted, count / (finished_at - started), (cpu_seconds(pid) - cpu) / count * 1000, stages
 
 
 def esmail_finished(work: Path):
@@ -581,6 +681,15 @@ def versus_postfix(args, work: Path, dns) -> None:
         finally:
             postfix.stop()
         print(f"{f'{label} × {count:,} · Postfix (queue + Maildir)':50} {peer[0]:14.1f} {peer[1]:17.1f}   {peer[2]:10.2f}", flush=True)
+        print_stages(peer[3])
+        if size == 5_000:  # Python's floor: what any receiver written in Python pays for the connections alone
+            floor = canned_server()
+            try:
+                canned = end_to_end(floor.port, size, count, args.sessions, lambda sent: sent, floor.process.pid)
+            finally:
+                floor.stop()
+            print(f"{f'{label} × {count:,} · canned Python replies (the floor)':50} {canned[0]:8.1f} {canned[0] / peer[0]:4.2f}× "
+                  f"{'(discards)':>17}   {canned[2]:10.2f}", flush=True)
         plain = "esmail serve, [smtp] processes = 2"
         esmails = [(plain, lambda folder: daemon(folder, processes=2))]
         if size == 5_000:
@@ -594,7 +703,8 @@ def versus_postfix(args, work: Path, dns) -> None:
                 folder = _fresh(work / f"e2e-{size}-{len(name)}-{round_}")
                 server = start(folder)
                 try:
-                    ours = rates[name] = end_to_end(server.port, size, count, args.sessions, esmail_finished(folder), server.process.pid)
+                    ours = rates[name] = end_to_end(server.port, size, count, args.sessions, esmail_finished(folder), server.process.pid,
+                                                    esmail_stages(server))
                 finally:
                     server.stop()
                 failed = len(os.listdir(folder / "spool" / "failed"))
@@ -603,9 +713,16 @@ def versus_postfix(args, work: Path, dns) -> None:
                 check = "" if stored == WARM_UP + count and not failed else f"  (!! {stored} inbox objects, {failed} failed)"
                 print(f"{f'{label} × {count:,} · {name}':50} {ours[0]:8.1f} {ours[0] / peer[0]:4.2f}× {ours[1]:11.1f} "
                       f"{ours[1] / peer[1]:4.2f}×   {ours[2]:10.2f} (end to end ≥ 1.0×){check}", flush=True)
+                print_stages(ours[3])
             if len(rates) > 1:
                 print(f"  end to end against the first esmail row (≥ 0.9×): " + "; ".join(
                     f"{other[len('the same, '):]} {rates[other][1] / rates[plain][1]:.2f}×" for other in rates if other != plain), flush=True)
+
+
+def print_stages(stages: dict) -> None:
+    """The CPU ms a message of each stage, the largest first (0.01 ms and more)."""
+    print("    CPU ms/msg by stage: " + " · ".join(f"{name} {ms:.2f}" for name, ms in sorted(stages.items(), key=lambda item: -item[1])
+                                                   if ms >= 0.01), flush=True)
 
 
 def postfix_version() -> str:
@@ -789,8 +906,17 @@ if __name__ == "__main__":
         if command == "_load":
             print(json.dumps(asyncio.run(_load(int(rest[0]), int(rest[1]), int(rest[2]), float(rest[3])))))
         elif command == "_serve_bare":
-            asyncio.run(_serve_bare(int(rest[0])))
+            uvloop.run(_serve_bare(int(rest[0])))  # the event loop esmail runs on
         elif command == "_serve_accept":
-            asyncio.run(_serve_accept(int(rest[0]), rest[1]))
+            uvloop.run(_serve_accept(int(rest[0]), rest[1]))
+        elif command == "_serve_canned":
+            others = [subprocess.Popen([sys.executable, str(HERE), command, rest[0], "1"]) for _ in range(int(rest[1]) - 1)]
+
+            def stop(*_) -> None:
+                for other in others:
+                    other.terminate()
+                sys.exit(0)
+            signal.signal(signal.SIGTERM, stop)
+            uvloop.run(_serve_canned(int(rest[0])))
     else:
         main()

@@ -167,10 +167,19 @@ async def eventually(check, timeout: float = 30.0, interval: float = 0.05):
         await asyncio.sleep(interval)
 
 
+_PORTS_GIVEN: set[int] = set()
+
+
 def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
+    """A port nothing listens on, never given before in this run: the kernel may offer one just closed again
+    (a host's page and its SMTP port were once the same)."""
+    while True:
+        with socket.socket() as sock:
+            sock.bind(("127.0.0.1", 0))
+            port = sock.getsockname()[1]
+        if port not in _PORTS_GIVEN:
+            _PORTS_GIVEN.add(port)
+            return port
 
 
 class Server:
