@@ -636,8 +636,9 @@ def end_to_end(port: int, size: int, count: int, sessions: int, finished, pid: i
     WARM_UP messages go first, at the same concurrency, and are finished before the clock starts: a running server
     has started its processes and imported its modules long before (a conversion process with feeds declared spends
     0.26 s of CPU on its imports: 0.35 ms a message over a run of 1,500); each server, Postfix too, is measured at work.
-    Then the disks are flushed: the rows before left thousands of removed files for the next `syncfs` to write out (the
-    rows measured later in a run spent up to 1.5× the CPU a message)."""
+    Then the disks are flushed, so that no row's `syncfs` writes out what the rows before left (a removed folder of
+    thousands of files). On a filesystem mounted with `discard` the removals still cost the rows after them (up to
+    twice the CPU in the store's threads): measure on one without (docs/speed.md, "Measuring it")."""
     def source(number: int, concurrent: int) -> None:
         subprocess.run(["smtp-source", "-s", str(concurrent), "-l", str(size), "-m", str(number), "-f", "bench@supplier.example",
                         "-t", "feed@datafeeds.example.org", f"127.0.0.1:{port}"], check=True, timeout=1200)
@@ -650,7 +651,7 @@ def end_to_end(port: int, size: int, count: int, sessions: int, finished, pid: i
 
     source(WARM_UP, sessions)
     wait(WARM_UP, time.monotonic() + 120)
-    os.sync()  # what earlier rows left to write (a removed folder's thousands of files) is not this row's to flush
+    os.sync()  # what the rows before left to write is not this row's to flush
     cpu, stages = cpu_seconds(pid), cpu_by_stage(pid, stage)
     started = time.monotonic()
     source(count, sessions)
