@@ -40,8 +40,6 @@ import time
 from collections import Counter
 from pathlib import Path
 
-import uvloop
-
 CORPUS = Path(__file__).parent / "corpus"
 HERE = Path(__file__).resolve()
 FAKE_AWS = {"AWS_ACCESS_KEY_ID": "testing", "AWS_SECRET_ACCESS_KEY": "testing"}  # moto's server takes any
@@ -914,9 +912,9 @@ if __name__ == "__main__":
         if command == "_load":
             print(json.dumps(asyncio.run(_load(int(rest[0]), int(rest[1]), int(rest[2]), float(rest[3])))))
         elif command == "_serve_bare":
-            uvloop.run(_serve_bare(int(rest[0])))  # the event loop esmail runs on
+            asyncio.run(_serve_bare(int(rest[0])))
         elif command == "_serve_accept":
-            uvloop.run(_serve_accept(int(rest[0]), rest[1]))
+            asyncio.run(_serve_accept(int(rest[0]), rest[1]))
         elif command == "_serve_canned":
             others = [subprocess.Popen([sys.executable, str(HERE), command, rest[0], "1"]) for _ in range(int(rest[1]) - 1)]
 
@@ -925,6 +923,6 @@ if __name__ == "__main__":
                     other.terminate()
                 sys.exit(0)
             signal.signal(signal.SIGTERM, stop)
-            uvloop.run(_serve_canned(int(rest[0])))
+            asyncio.run(_serve_canned(int(rest[0])))
     else:
         main()

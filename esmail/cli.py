@@ -195,9 +195,9 @@ def _env_file(args) -> int:
 
 def _run(coroutine):
     def run(config: Config, args) -> int:
-        import uvloop  # libuv's event loop: a fifth less CPU a connection than asyncio's own (docs/speed.md)
+        import asyncio
 
-        return uvloop.run(coroutine(config, args))
+        return asyncio.run(coroutine(config, args))
     return run
 
 

@@ -25,8 +25,6 @@ from collections.abc import Callable
 from dataclasses import replace
 from multiprocessing.connection import Connection
 
-import uvloop
-
 from esmail import metrics
 from esmail.config import Address, Config
 from esmail.errors import CannotListen
@@ -210,7 +208,7 @@ def run_receiver(config: Config, index: int, pipe: Connection, log_settings: tup
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C reaches the whole group: the daemon decides
     logs.setup(*log_settings)
     try:
-        uvloop.run(_receive(config, index, pipe))  # as the daemon's (cli._run)
+        asyncio.run(_receive(config, index, pipe))
     except CannotListen as exc:
         pipe.send(("error", (exc.errno, exc.strerror)))
 

@@ -17,15 +17,12 @@ from pathlib import Path
 
 import boto3
 import pytest
-import uvloop
 from moto.server import ThreadedMotoServer
 
 from esmail.config import Address, Buckets, Config, SpoolConfig, StorageConfig, WorkerConfig
 from esmail.spool import Spool
 from esmail.store import open_store
 from esmail.worker import Worker
-
-asyncio.set_event_loop_policy(uvloop.EventLoopPolicy())  # the tests' event loops are the daemon's (uvloop.run in esmail.cli)
 
 SEED = Path(__file__).resolve().parents[2] / "shared" / "seed-samples"  # ../shared beside the checkout
 
