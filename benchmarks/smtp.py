@@ -295,8 +295,8 @@ class Postfix:
     (fsync'd before 250) and a Maildir it delivers every message into (fsync'd), in `work`, on a free port.
 
     Postfix's defaults otherwise (Debian's 3.7: up to 100 smtpd processes, 20 deliveries at once), but for `max_use`:
-    its processes live through the run (not 100 messages), so that the CPU of each of its programs can be read. The master runs
-    as root and drops to `postfix`; deliveries run as `nobody`. `postfix -c DIR` for a DIR outside /etc/postfix
+    its processes live through the run (not 100 messages), so that the CPU of each of its programs can be read.
+    The master runs as root and drops to `postfix`; deliveries run as `nobody`. `postfix -c DIR` for a DIR outside /etc/postfix
     needs root, or DIR in the default instance's alternate_config_directories (`unavailable` says which).
     """
 
