@@ -191,19 +191,22 @@ class Server:
         self.log = tmp_path / "serve.log"
         self.process = None
 
-    def start(self, **env: str) -> None:
+    def start(self, *ports: int, **env: str) -> None:
+        """Started once it listens on its SMTP port and on `ports` (a page's: it listens after the SMTP port)."""
         with open(self.log, "ab") as log:
             self.process = subprocess.Popen([sys.executable, "-m", "esmail", "--config", str(self.toml), "serve"],
                                             stdout=log, stderr=log, env={**os.environ, **FAKE_AWS, **env})
         deadline = time.monotonic() + 30
-        while time.monotonic() < deadline:
+        waiting = [self.port, *ports]
+        while waiting and time.monotonic() < deadline:
             assert self.process.poll() is None, self.log.read_text()
             try:
-                socket.create_connection(("127.0.0.1", self.port), timeout=1).close()
-                return
+                socket.create_connection(("127.0.0.1", waiting[0]), timeout=1).close()
+                waiting.pop(0)
             except OSError:
                 time.sleep(0.05)
-        raise AssertionError("esmail serve did not start: " + self.log.read_text())
+        if waiting:
+            raise AssertionError(f"esmail serve did not start (nothing listens on port {waiting[0]}): " + self.log.read_text())
 
     def kill(self) -> None:
         self.process.kill()
