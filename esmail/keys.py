@@ -73,8 +73,12 @@ def with_suffix(name: str, n: int) -> str:
 
 def folder_name(received: datetime, n: int = 1) -> str:
     """`YYYYmmdd-HHMMSS`, or `YYYYmmdd-HHMMSS-n` for the n-th message of a prefix in that second."""
-    base = received.strftime("%Y%m%d-%H%M%S")
-    return base if n < 2 else f"{base}-{n}"
+    return numbered_folder(received.strftime("%Y%m%d-%H%M%S"), n)
+
+
+def numbered_folder(second: str, n: int) -> str:
+    """The folder of a prefix's n-th message in a second already named (`folder_name`)."""
+    return second if n < 2 else f"{second}-{n}"
 
 
 def unique_names(items: Iterable[tuple[str, str]]) -> list[tuple[str, str]]:

@@ -28,7 +28,7 @@ from pathlib import Path
 
 from esmail.durable import fsync_dir, sync_files, write_synced, write_unsynced
 from esmail.errors import ConfigError, TemporaryFailure
-from esmail.keys import folder_name
+from esmail.keys import folder_name, numbered_folder
 
 SUFFIX = ".msg"
 AUTHENTICATION = "user.esmail.authentication"  # the extended attribute of an entry's file that holds its final results
@@ -275,7 +275,7 @@ class Spool:
         if len(self._folders_used) > 10_000:  # seconds long past can no longer collide
             for old in sorted(self._folders_used, key=lambda k: k[1])[:5_000]:
                 del self._folders_used[old]
-        return second if n < 2 else f"{second}-{n}"
+        return numbered_folder(second, n)
 
     def _remember(self, envelope: Envelope) -> None:
         second = folder_name(envelope.received_at)
