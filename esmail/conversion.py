@@ -99,9 +99,15 @@ def convert(raw: bytes, ascii_only: bool = False, link_patterns: tuple[str, ...]
 
 
 def convert_entry(path: Path, ascii_only: bool = False, link_patterns: tuple[str, ...] = (),
-                  formats: dict[str, Format | Unusable] | None = None) -> Converted:
+                  formats: dict[str, Format | Unusable] | None = None, request=None):
     """`convert` of a spool entry, read here: the conversion process reads the message from
-    disk rather than have the daemon send it over a pipe (and hold it meanwhile)."""
+    disk rather than have the daemon send it over a pipe (and hold it meanwhile).
+    With an `authentication.Request` (feeds declared) the entry is authenticated first, and the result is
+    `authentication.authenticate_and_convert`'s: (Authentication, Converted or None)."""
+    if request is not None:
+        from esmail.authentication import authenticate_and_convert  # dkimpy, pyspf: only where feeds are declared
+
+        return authenticate_and_convert(path, request, ascii_only, link_patterns, formats)
     return convert(read_entry(path)[1], ascii_only, link_patterns, formats)
 
 
@@ -139,18 +145,12 @@ def check_all(outputs: list[Output], formats: dict[str, Format | Unusable]) -> d
 def convert_entries(paths: list[Path], ascii_only: bool = False, link_patterns: tuple[str, ...] = (),
                     formats: list[dict[str, Format | Unusable]] | None = None, requests: list | None = None) -> list:
     """`convert_entry` of several entries in one trip to the pool (small messages: the trip costs more than their
-    conversion), each with its prefixes' formats; each result is a Converted, or the exception its conversion raised.
-    An entry with an `authentication.Request` (feeds declared) is authenticated first: its result is
-    `authentication.authenticate_and_convert`'s."""
+    conversion), each with its prefixes' formats and its authentication request (or None); each result is
+    `convert_entry`'s, or the exception it raised."""
     results = []
     for path, each, request in zip(paths, formats or [None] * len(paths), requests or [None] * len(paths)):
         try:
-            if request is None:
-                results.append(convert_entry(path, ascii_only, link_patterns, each))
-            else:
-                from esmail.authentication import authenticate_and_convert  # dkimpy, pyspf: only where feeds are declared
-
-                results.append(authenticate_and_convert(path, request, ascii_only, link_patterns, each))
+            results.append(convert_entry(path, ascii_only, link_patterns, each, request))
         except Exception as exc:
             try:
                 pickle.dumps(exc)

@@ -80,7 +80,8 @@ class Worker:
         self.outage = Outage(lambda: store.check(config.buckets.named(INBOX)))
         self.waiting_for_store: set[str] = set()  # entries whose last attempt failed on the store: woken when it works again
         self._told = False  # a NeedsFixing went to Rollbar since the last write that worked: once is enough
-        self._converting = asyncio.Semaphore(process_pool_size(config))  # calls in the pool at once: one per process
+        self.pool_size = process_pool_size(config)  # os.cpu_count() asked once, not for every small message
+        self._converting = asyncio.Semaphore(self.pool_size)  # calls in the pool at once: one per process
         self._finished: Batches[str, None] = Batches(lambda entry_ids: self.spool.done(*entry_ids))
         # the final results of concurrent entries, kept with them (on ext4 a call that can wait for the journal)
         self._authenticated: Batches[tuple[Entry, dict], None] = Batches(
@@ -318,20 +319,16 @@ class Worker:
                        "size": size, "outcome": outcome, "objects": objects, "seconds": seconds, **extra})
 
     async def _convert(self, entry: Entry, alone: bool, request: Request | None = None):
-        """`convert_entry` in the pool, or with a `request` `authenticate_and_convert`; small entries that wait for it
+        """`convert_entry` in the pool (with a `request`, authenticated first); small entries that wait for it
         meanwhile are sent together (BATCH)."""
         size = entry.path.stat().st_size
         formats = self.config.formats_for(entry.envelope.folders)  # each CSV checked with them there (DESIGN §16)
         if alone or self.executor is None or size >= BATCH_BYTES:
-            if request is None:
-                return await self._in_pool(alone, convert_entry, entry.path, self.config.csv.ascii_only, self.config.links.patterns, formats)
-            from esmail.authentication import authenticate_and_convert
-
-            return await self._in_pool(alone, authenticate_and_convert, entry.path, request, self.config.csv.ascii_only,
-                                       self.config.links.patterns, formats)
+            return await self._in_pool(alone, convert_entry, entry.path, self.config.csv.ascii_only, self.config.links.patterns,
+                                       formats, request)
         converted = asyncio.get_running_loop().create_future()
         self._to_convert.append((entry.path, size, formats, request, converted))
-        if self._senders < process_pool_size(self.config):
+        if self._senders < self.pool_size:
             self._senders += 1
             asyncio.create_task(self._send_conversions())
         return await converted
