@@ -566,16 +566,16 @@ def cpu_seconds(pid: int) -> float:
     total = 0
     for each in (pid, *children(pid)):
         try:
-            total += sum(int(f) for f in Path(f"/proc/{each}/stat").read_text().rsplit(")", 1)[1].split()[11:15])
+            total += _ticks(Path(f"/proc/{each}/stat"), waited_for=True)
         except FileNotFoundError:  # ended meanwhile
             continue
     return total / os.sysconf("SC_CLK_TCK")
 
 
-def _ticks(stat: Path) -> int:
-    """User + system clock ticks of one process or thread (`/proc/…/stat`)."""
+def _ticks(stat: Path, waited_for: bool = False) -> int:
+    """User + system clock ticks of one process or thread (`/proc/…/stat`); `waited_for`: with its ended children's."""
     fields = stat.read_text().rsplit(")", 1)[1].split()
-    return int(fields[11]) + int(fields[12])
+    return sum(int(field) for field in fields[11:15 if waited_for else 13])
 
 
 def cpu_by_stage(pid: int, stage) -> Counter:
